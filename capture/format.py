@@ -1,0 +1,127 @@
+"""The run store format, version 1: names, columns, options and version checks.
+
+This module is the contract between capture and analysis; ``docs/store-format.md``
+documents it. Anything that changes how an existing store must be read raises
+:data:`FORMAT_VERSION`; readers refuse stores of a newer version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "ATTRS_KEY",
+    "PHASES",
+    "CALL_COLUMNS",
+    "BLOCK_COLUMNS",
+    "BLOCK_KIND_EPOCH",
+    "BLOCK_KIND_LAST_CALL",
+    "MODES",
+    "STORAGE_DTYPES",
+    "StoreFormatError",
+    "CaptureOptions",
+    "rank_group_name",
+    "raw_path",
+    "gram_path",
+    "check_format",
+]
+
+FORMAT_NAME = "delve-pipeline.run"
+FORMAT_VERSION = 1
+#: Key under which this package keeps its attributes in every group it writes.
+ATTRS_KEY = "delve_pipeline"
+
+PHASES = ("train", "eval")
+MODES = ("raw", "gram", "both")
+STORAGE_DTYPES = ("float32", "float16", "bfloat16")
+
+#: Columns of the ``calls`` array: one row per recorded forward call.
+CALL_COLUMNS = ("epoch", "phase", "layer", "call_index", "first_row", "row_count", "nonfinite_rows")
+#: Columns of a gram ``info`` array: one row per stored block of moments.
+BLOCK_COLUMNS = ("epoch", "phase", "kind", "first_call", "last_call", "sample_rows", "nonfinite_rows")
+#: ``kind`` of a block: a block of the epoch's moments, or the moments of the last recorded call alone.
+BLOCK_KIND_EPOCH = 0
+BLOCK_KIND_LAST_CALL = 1
+
+
+class StoreFormatError(ValueError):
+    """A path is not a run store of a format and version this package can read."""
+
+
+def rank_group_name(rank: int) -> str:
+    """Name of the group that process ``rank`` writes (``rank-00000``)."""
+    return f"rank-{rank:05d}"
+
+
+def raw_path(layer: str) -> str:
+    return f"raw/{layer}"
+
+
+def gram_path(layer: str, method: str) -> str:
+    return f"gram/{layer}/{method}"
+
+
+@dataclass(frozen=True)
+class CaptureOptions:
+    """What a :class:`capture.Recorder` records; stored in the run's attributes.
+
+    Parameters mirror :class:`capture.Recorder`; see its docstring.
+    """
+
+    mode: str = "raw"
+    dtype: str = "float32"
+    interpolation: str | None = None
+    downsample: int | None = None
+    compression: str = "lz4"
+    conv_methods: tuple[str, ...] = ("channelwise",)
+    timeseries_methods: tuple[str, ...] = ("last_timestep",)
+    log_interval: int = 1
+    max_samples: int | None = None
+    gram_block_rows: int = 65536
+    chunk_bytes: int = 4 * 2**20
+    layers: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for key, value in out.items():
+            if isinstance(value, tuple):
+                out[key] = list(value)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CaptureOptions:
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in names}
+        return cls(**kwargs)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def check_format(attrs: dict[str, Any], where: str) -> dict[str, Any]:
+    """Return this package's root attributes, or raise :class:`StoreFormatError`.
+
+    Parameters
+    ----------
+    attrs : dict
+        The root group's attributes.
+    where : str
+        The store path, for the message.
+    """
+    meta = attrs.get(ATTRS_KEY)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise StoreFormatError(f"{where}: not a delve-pipeline run store (no {ATTRS_KEY!r} format attribute)")
+    version = meta.get("format_version")
+    if not isinstance(version, int):
+        raise StoreFormatError(f"{where}: the store's format version {version!r} is not a number")
+    if version > FORMAT_VERSION:
+        raise StoreFormatError(
+            f"{where}: store format version {version} is newer than this package reads "
+            f"(version {FORMAT_VERSION}); upgrade delve-pipeline"
+        )
+    return meta

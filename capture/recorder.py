@@ -1,0 +1,550 @@
+"""The capture hook: record layer outputs (raw) or partial moments (gram) during training."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from capture.format import (
+    BLOCK_KIND_EPOCH,
+    BLOCK_KIND_LAST_CALL,
+    CALL_COLUMNS,
+    MODES,
+    PHASES,
+    STORAGE_DTYPES,
+    CaptureOptions,
+)
+from capture.layers import discover_layers, module_kind, primary_output
+from capture.moments import batch_moments, merge_moments, to_numpy
+from capture.reshape import (
+    check_conv_method,
+    check_interpolation,
+    check_timeseries_method,
+    interpolate_maps,
+    layout_of,
+    matrix_width,
+    methods_for_layout,
+    to_matrix,
+)
+from capture.store_writer import LayerRecord, RunStoreWriter, make_compressors
+from capture.writer import BackgroundWriter, WriterError
+
+__all__ = ["Recorder", "CaptureError"]
+
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: Refuse gram moments wider than this (a d x d float64 matrix per block): 8192**2 * 8 B = 512 MiB.
+MAX_GRAM_WIDTH = 8192
+
+
+class CaptureError(RuntimeError):
+    """Capture cannot go on (the background writer failed, or the recorder was misused)."""
+
+
+def _check_positive_int(value: Any, argument: str, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{argument}: must be a positive integer, got {value!r}")
+
+
+class _Accumulator:
+    """Moments of one (phase, layer, method) since the last flushed block."""
+
+    __slots__ = ("moments", "first_call", "last_call", "sample_rows", "nonfinite_rows", "last")
+
+    def __init__(self) -> None:
+        self.moments: tuple[int, Any, Any] | None = None
+        self.first_call = -1
+        self.last_call = -1
+        self.sample_rows = 0
+        self.nonfinite_rows = 0
+        # moments, call index, rows and non-finite rows of the last recorded call of the epoch
+        self.last: tuple[tuple[int, Any, Any], int, int, int] | None = None
+
+
+class Recorder:
+    """Stream layer outputs or their moments to a Zarr v3 run store during training.
+
+    Parameters
+    ----------
+    modules : Module, list of Modules or dict of name -> Module
+        The model (its supported leaf layers are discovered) or explicit modules.
+    path : str or PathLike
+        The run store to create (a directory, conventionally ``*.zarr``).
+    mode : {"raw", "gram", "both"}
+        ``raw`` keeps the outputs themselves (any reduction can be chosen later); ``gram`` keeps
+        float64 partial moments of each reduction in ``conv_methods`` / ``timeseries_methods``.
+    layer_filter, layers, ignore :
+        Narrow the recorded layers (see :func:`capture.layers.discover_layers`).
+    dtype : {"float32", "float16", "bfloat16"}
+        Storage type of raw outputs.
+    interpolation, downsample :
+        Resize conv maps larger than ``downsample`` to ``downsample`` with this
+        ``torch.nn.functional.interpolate`` mode before anything is recorded (delve's rule).
+    compression : {"lz4", "zstd", "none"} or codec
+        Compression of raw outputs (Blosc level 1 with byte shuffle by default).
+    conv_methods, timeseries_methods : sequence of str
+        The reductions whose moments ``gram`` mode keeps.
+    log_interval : int
+        Record a layer's call when its call counter (shared by train and eval, never reset, as in
+        delve) is a multiple of this.
+    max_samples : int, optional
+        Per epoch, phase and layer, record at most this many samples (dim 0 rows).
+    gram_block_rows : int
+        Flush the moments of a (phase, layer) as a block after this many samples.
+    chunk_bytes : int
+        Target size of a raw chunk.
+    max_queue_bytes : int
+        Memory that may wait for the writer; the training loop waits beyond it.
+    resume, overwrite : bool
+        Continue an existing store after its last complete epoch / replace it.
+    rank, world_size : int, optional
+        This process's part of a multi-process run (defaults from ``torch.distributed``).
+    on_error : {"raise", "warn"}
+        On a writer failure raise at the next recorder call, or warn once and stop capturing.
+
+    Examples
+    --------
+    >>> import tempfile, torch
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     with Recorder(net, f"{tmp}/run.zarr", mode="both") as rec:
+    ...         for epoch in range(2):
+    ...             _ = net(torch.randn(8, 4))
+    ...             rec.end_epoch()
+    ...     rec.layer_names
+    ['0', '2']
+    """
+
+    def __init__(
+        self,
+        modules: nn.Module | Iterable[nn.Module] | Mapping[str, nn.Module],
+        path: str | os.PathLike[str],
+        mode: str = "raw",
+        *,
+        layer_filter: Callable[[dict[str, nn.Module]], dict[str, nn.Module]] | None = None,
+        layers: Iterable[str] | None = None,
+        ignore: Iterable[str] | None = None,
+        dtype: str = "float32",
+        interpolation: str | None = None,
+        downsample: int | None = None,
+        compression: Any = "lz4",
+        conv_methods: Iterable[str] = ("channelwise",),
+        timeseries_methods: Iterable[str] = ("last_timestep",),
+        log_interval: int = 1,
+        max_samples: int | None = None,
+        gram_block_rows: int = 65536,
+        chunk_bytes: int = 4 * 2**20,
+        max_queue_bytes: int = 256 * 2**20,
+        resume: bool = False,
+        overwrite: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+        on_error: str = "raise",
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode: unknown mode {mode!r}; valid values are: {', '.join(MODES)}")
+        if dtype not in STORAGE_DTYPES:
+            raise ValueError(
+                f"dtype: unknown storage dtype {dtype!r}; valid values are: {', '.join(STORAGE_DTYPES)}"
+            )
+        conv_methods = (conv_methods,) if isinstance(conv_methods, str) else tuple(conv_methods)
+        timeseries_methods = (
+            (timeseries_methods,) if isinstance(timeseries_methods, str) else tuple(timeseries_methods)
+        )
+        if not conv_methods or not timeseries_methods:
+            raise ValueError("conv_methods / timeseries_methods: name at least one method")
+        for m in conv_methods:
+            check_conv_method(m, "conv_methods")
+        for m in timeseries_methods:
+            check_timeseries_method(m, "timeseries_methods")
+        if downsample is not None and interpolation is None:
+            raise ValueError("downsample: set interpolation (e.g. 'bilinear') to resize maps")
+        check_interpolation(interpolation, downsample)
+        _check_positive_int(log_interval, "log_interval")
+        _check_positive_int(max_samples, "max_samples", allow_none=True)
+        _check_positive_int(gram_block_rows, "gram_block_rows")
+        _check_positive_int(chunk_bytes, "chunk_bytes")
+        _check_positive_int(max_queue_bytes, "max_queue_bytes")
+        if on_error not in ("raise", "warn"):
+            raise ValueError(f"on_error: must be 'raise' or 'warn', got {on_error!r}")
+        make_compressors(compression, 4)  # validates the name
+        if resume and overwrite:
+            raise ValueError("resume and overwrite: choose one")
+
+        self.layers = discover_layers(modules, layer_filter=layer_filter, layers=layers, ignore=ignore)
+        if rank is None or world_size is None:
+            dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
+            rank = (torch.distributed.get_rank() if dist_on else 0) if rank is None else rank
+            world_size = (
+                (torch.distributed.get_world_size() if dist_on else 1) if world_size is None else world_size
+            )
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.path = os.fspath(path)
+        self.options = CaptureOptions(
+            mode=mode,
+            dtype=dtype,
+            interpolation=interpolation,
+            downsample=downsample,
+            compression=compression if isinstance(compression, str) else repr(compression),
+            conv_methods=conv_methods,
+            timeseries_methods=timeseries_methods,
+            log_interval=int(log_interval),
+            max_samples=None if max_samples is None else int(max_samples),
+            gram_block_rows=int(gram_block_rows),
+            chunk_bytes=int(chunk_bytes),
+            layers=tuple(self.layers),
+        )
+        self._compression = compression
+        self.on_error = on_error
+        self._store = RunStoreWriter(
+            self.path,
+            self.options,
+            rank=self.rank,
+            world_size=self.world_size,
+            resume=resume,
+            overwrite=overwrite,
+        )
+        self._writer = BackgroundWriter(max_queue_bytes)
+        self._raw = mode in ("raw", "both")
+        self._gram = mode in ("gram", "both")
+
+        state = self._store.state
+        done = state["epochs_complete"]
+        self.epoch = (max(done) + 1) if done else 0
+        self._counters: dict[str, int] = {n: int(c) for n, c in state.get("call_counters", {}).items()}
+        self._records: dict[str, LayerRecord] = dict(self._store.layers)
+        self._gram_methods: dict[str, tuple[str, ...]] = {n: tuple(r.gram) for n, r in self._records.items()}
+        self._next_raw_row = {n: self._store.raw_next_row(n) for n in self._store._raw}
+        self._seen: dict[tuple[str, str], int] = {}
+        self._calls: list[tuple[int, ...]] = []
+        self._acc: dict[tuple[str, str, str], _Accumulator] = {}
+        self._scalars: dict[str, Any] = {}
+        self._epoch_open = False
+        self._recording = True
+        self._closed = False
+        self._disabled = False
+        self._handles = [
+            module.register_forward_hook(self._make_hook(name)) for name, module in self.layers.items()
+        ]
+
+    # -- public API ----------------------------------------------------------------------------
+    @property
+    def layer_names(self) -> list[str]:
+        """Names of the layers that will be (or are) recorded, in model order."""
+        return list(self.layers)
+
+    @property
+    def is_recording(self) -> bool:
+        return self._recording and not self._closed and not self._disabled
+
+    def stop(self) -> None:
+        """Pause recording (forward calls are not counted either, as in delve)."""
+        self._recording = False
+
+    def resume(self) -> None:
+        """Continue recording after :meth:`stop`."""
+        self._recording = True
+
+    def add_scalar(self, name: str, value: Any) -> None:
+        """Keep a per-epoch value (an accuracy, a loss) with the current epoch."""
+        self._check()
+        if isinstance(value, torch.Tensor):
+            value = value.item()
+        if isinstance(value, np.generic):
+            value = value.item()
+        if not isinstance(value, (int, float, str, bool)) and value is not None:
+            raise TypeError(
+                f"add_scalar: value of {name!r} must be a number or string, got {type(value).__name__}"
+            )
+        self._scalars[str(name)] = value
+
+    def end_epoch(self) -> int:
+        """Close the epoch: flush and commit everything of it. Returns the epoch number closed."""
+        self._check()
+        epoch = self.epoch
+        if self._gram:
+            for key in list(self._acc):
+                self._flush_block(key, final=True)
+            self._acc.clear()
+        calls = np.asarray(self._calls, dtype=np.int64).reshape(-1, len(CALL_COLUMNS))
+        scalars = dict(self._scalars)
+        counters = dict(self._counters)
+        if not self._epoch_open:
+            self._submit(lambda: self._store.open_epoch(epoch), 0, "opening the epoch")
+        self._submit(
+            lambda: self._store.commit_epoch(epoch, calls, scalars, counters),
+            calls.nbytes,
+            f"epoch {epoch} commit",
+        )
+        self._flush_writer()
+        self._calls = []
+        self._scalars = {}
+        self._seen.clear()
+        self._epoch_open = False
+        self.epoch += 1
+        return epoch
+
+    def close(self) -> None:
+        """Remove the hooks and finish writing. An epoch not closed by :meth:`end_epoch` stays incomplete."""
+        if self._closed:
+            return
+        self._closed = True
+        for h in self._handles:
+            h.remove()
+        try:
+            self._writer.close()
+        except WriterError as exc:
+            if self.on_error == "raise" and not self._disabled:
+                raise CaptureError(f"{self.path}: {exc}") from exc
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # do not hide the original error behind a writer error
+            try:
+                self.close()
+            except CaptureError:
+                pass
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            for h in getattr(self, "_handles", []):
+                h.remove()
+        except Exception:  # noqa: BLE001
+            pass
+
+    # -- internals -----------------------------------------------------------------------------
+    def _check(self) -> None:
+        if self._closed:
+            raise CaptureError(f"{self.path}: the recorder is closed")
+        if self._disabled:
+            return
+        try:
+            self._writer.check()
+        except WriterError as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: WriterError) -> None:
+        if self.on_error == "warn":
+            if not self._disabled:
+                warnings.warn(f"{self.path}: capture switched off: {exc}", RuntimeWarning, stacklevel=3)
+            self._disabled = True
+            return
+        raise CaptureError(f"{self.path}: {exc}") from exc
+
+    def _submit(self, task: Callable[[], Any], nbytes: int, context: str) -> None:
+        if self._disabled:
+            return
+        try:
+            self._writer.submit(task, nbytes, context)
+        except WriterError as exc:
+            self._fail(exc)
+
+    def _flush_writer(self) -> None:
+        if self._disabled:
+            return
+        try:
+            self._writer.flush()
+        except WriterError as exc:
+            self._fail(exc)
+
+    def _make_hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if not self._recording or self._closed or self._disabled:
+                return
+            self._record(name, module, output)
+
+        return hook
+
+    def _register(self, name: str, module: nn.Module, out: torch.Tensor) -> LayerRecord:
+        kind = module_kind(module)
+        sample_shape = tuple(int(s) for s in out.shape[1:])
+        layout = layout_of(kind, out.dim())
+        opts = self.options
+        stored_shape = sample_shape
+        if (
+            layout == "conv"
+            and opts.interpolation is not None
+            and any(s > opts.downsample for s in sample_shape[1:])
+        ):
+            stored_shape = (sample_shape[0], *([opts.downsample] * (len(sample_shape) - 1)))
+        rec = LayerRecord(
+            name=name,
+            index=len(self._records),
+            type=type(module).__name__,
+            kind=kind,
+            layout=layout,
+            sample_shape=stored_shape,
+            source_dtype=str(out.dtype).replace("torch.", ""),
+        )
+        widths: dict[str, int] = {}
+        if self._gram:
+            for method in methods_for_layout(layout, opts.conv_methods, opts.timeseries_methods):
+                width = matrix_width(stored_shape, layout, method)
+                if width > MAX_GRAM_WIDTH:
+                    raise CaptureError(
+                        f"{self.path}: layer {name!r}: the {method!r} matrix is {width} wide, a {width}x{width} "
+                        f"float64 moment per block is too large (limit {MAX_GRAM_WIDTH}); use mode='raw', another "
+                        "method, or interpolation with a smaller downsample"
+                    )
+                widths[method] = width
+        raw_dtype = opts.dtype if self._raw else None
+        self._records[name] = rec
+        self._gram_methods[name] = tuple(widths)
+        self._submit(
+            lambda: self._store.add_layer(rec, raw_dtype, widths), 0, f"layer {name!r}: creating arrays"
+        )
+        self._next_raw_row[name] = 0
+        return rec
+
+    def _record(self, name: str, module: nn.Module, output: Any) -> None:
+        self._check()
+        if self._disabled:
+            return
+        count = self._counters.get(name, 0) + 1
+        self._counters[name] = count
+        opts = self.options
+        if count % opts.log_interval:
+            return
+        out = primary_output(module, output)
+        if out is None or not out.is_floating_point():
+            return
+        phase = "train" if module.training else "eval"
+        rows = int(out.shape[0]) if out.dim() > 0 else 0
+        if opts.max_samples is not None:
+            seen = self._seen.get((phase, name), 0)
+            rows = min(rows, opts.max_samples - seen)
+            if rows <= 0:
+                return
+            self._seen[(phase, name)] = seen + rows
+        if rows == 0:
+            return
+        x = out.detach()[:rows]
+        if x.dim() == 1:
+            x = x[:, None]
+        rec = self._records.get(name)
+        if rec is None:
+            rec = self._register(name, module, x)
+        if x.dim() >= 3 and rec.layout == "conv":
+            x = interpolate_maps(x, opts.interpolation, opts.downsample)
+        if tuple(x.shape[1:]) != rec.sample_shape:
+            raise CaptureError(
+                f"{self.path}: layer {name!r}: output shape per sample changed from {rec.sample_shape} to "
+                f"{tuple(x.shape[1:])}; record such a layer with a separate Recorder or a reducing mode"
+            )
+        if not self._epoch_open:
+            epoch = self.epoch
+            self._submit(lambda: self._store.open_epoch(epoch), 0, "opening the epoch")
+            self._epoch_open = True
+        first_row = -1
+        if self._raw:
+            first_row = self._next_raw_row[name]
+            self._next_raw_row[name] = first_row + rows
+            self._queue_raw(name, x)
+        nonfinite = -1
+        if self._gram:
+            nonfinite = self._accumulate(name, rec, phase, count, x)
+        self._calls.append((self.epoch, PHASES.index(phase), rec.index, count, first_row, rows, nonfinite))
+
+    def _queue_raw(self, name: str, x: torch.Tensor) -> None:
+        target = _TORCH_DTYPES[self.options.dtype]
+        if x.is_cuda:
+            converted = x.to(target)
+            host = torch.empty(converted.shape, dtype=target, pin_memory=True)
+            host.copy_(converted, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = x.to(target, copy=True)
+            event = None
+        nbytes = host.numel() * host.element_size()
+        store = self._store
+
+        def task() -> None:
+            if event is not None:
+                event.synchronize()
+            if target is torch.bfloat16:
+                arr = host.view(torch.int16).numpy().view(np.uint16)
+            else:
+                arr = host.numpy()
+            store.write_raw(name, arr)
+
+        self._submit(task, nbytes, f"layer {name!r}: raw write")
+
+    def _accumulate(self, name: str, rec: LayerRecord, phase: str, call: int, x: torch.Tensor) -> int:
+        opts = self.options
+        nonfinite = 0
+        for method in self._gram_methods[name]:
+            feature_major = method == "channelwise"
+            mat = to_matrix(x, rec.layout, method, feature_major=feature_major)
+            if mat.device.type == "cpu":
+                mat = mat.numpy() if mat.dtype == torch.float64 else mat.to(torch.float64).numpy()
+            part = batch_moments(mat, feature_major=feature_major)
+            mean = part[1]
+            finite = np.isfinite(mean).all() if isinstance(mean, np.ndarray) else torch.isfinite(mean).all()
+            if not bool(finite):
+                flat = x.reshape(x.shape[0], -1)
+                nonfinite = int((~torch.isfinite(flat)).any(dim=1).sum())
+            key = (phase, name, method)
+            acc = self._acc.get(key)
+            if acc is None:
+                acc = self._acc[key] = _Accumulator()
+            if acc.moments is None:
+                acc.first_call = call
+            acc.moments = part if acc.moments is None else merge_moments(acc.moments, part)
+            acc.last_call = call
+            acc.sample_rows += int(x.shape[0])
+            acc.nonfinite_rows += nonfinite
+            acc.last = (part, call, int(x.shape[0]), nonfinite)
+        for method in self._gram_methods[name]:
+            acc = self._acc[(phase, name, method)]
+            if acc.sample_rows >= opts.gram_block_rows:
+                self._flush_block((phase, name, method), final=False)
+        return nonfinite
+
+    def _flush_block(self, key: tuple[str, str, str], final: bool) -> None:
+        phase, name, method = key
+        acc = self._acc[key]
+        epoch = self.epoch
+        p = PHASES.index(phase)
+        blocks = []
+        if acc.moments is not None and acc.sample_rows > 0:
+            n, mean, m2 = acc.moments
+            info = (
+                epoch,
+                p,
+                BLOCK_KIND_EPOCH,
+                acc.first_call,
+                acc.last_call,
+                acc.sample_rows,
+                acc.nonfinite_rows,
+            )
+            blocks.append((info, n, to_numpy(mean), to_numpy(m2)))
+        if final and acc.last is not None:
+            (n, mean, m2), call, rows, nonfinite = acc.last
+            info = (epoch, p, BLOCK_KIND_LAST_CALL, call, call, rows, nonfinite)
+            blocks.append((info, n, to_numpy(mean), to_numpy(m2)))
+        store = self._store
+        nbytes = sum(b[3].nbytes for b in blocks)
+
+        def task() -> None:
+            for info, n, mean, m2 in blocks:
+                store.write_gram_block(name, method, info, n, mean, m2)
+            if not final:
+                store.commit_blocks()
+
+        self._submit(task, nbytes, f"layer {name!r}: gram block ({method})")
+        last = acc.last
+        acc.moments, acc.sample_rows, acc.nonfinite_rows = None, 0, 0
+        acc.first_call, acc.last = -1, last

@@ -1,0 +1,286 @@
+"""Reading a run store (format version 1): layers, epochs, calls and lazy arrays.
+
+:func:`open_run` only reads metadata; array values are read when indexed. Only
+what the rank groups' ``committed`` attributes declare is visible, so a store
+that is still being written (or whose writer was killed) reads consistently.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from capture.format import (
+    ATTRS_KEY,
+    BLOCK_COLUMNS,
+    CALL_COLUMNS,
+    PHASES,
+    CaptureOptions,
+    StoreFormatError,
+    check_format,
+)
+from capture.store_writer import LayerRecord
+
+__all__ = ["open_run", "RunInfo", "RankPart", "RawArray", "GramBlocks", "decode_stored"]
+
+
+def decode_stored(values: np.ndarray, stored_dtype: str | None) -> np.ndarray:
+    """Stored values as numpy floats (``bfloat16`` is kept as the upper 16 bits of a float32)."""
+    if stored_dtype == "bfloat16":
+        return (values.astype(np.uint32) << 16).view(np.float32)
+    return values
+
+
+@dataclass
+class RawArray:
+    """A lazy view of one layer's raw outputs in one rank group: rows ``[0, rows)`` are valid."""
+
+    array: zarr.Array
+    rows: int
+    stored_dtype: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.rows, *self.array.shape[1:])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.float32) if self.stored_dtype == "bfloat16" else self.array.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.array.ndim
+
+    @property
+    def chunk_rows(self) -> int:
+        return int(self.array.chunks[0])
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` as numpy (decoded)."""
+        if not 0 <= start <= stop <= self.rows:
+            raise IndexError(f"rows [{start}, {stop}) outside the committed [0, {self.rows})")
+        return decode_stored(self.array[start:stop], self.stored_dtype)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if isinstance(key, slice):
+            start, stop, step = key.indices(self.rows)
+            return self.read(start, stop)[::step]
+        if isinstance(key, tuple) and key and isinstance(key[0], slice):
+            start, stop, step = key[0].indices(self.rows)
+            return self.read(start, stop)[(slice(None, None, step), *key[1:])]
+        raise TypeError("RawArray supports slicing along the sample axis only")
+
+
+@dataclass
+class GramBlocks:
+    """The committed moment blocks of one (layer, reduction method) in one rank group."""
+
+    count: zarr.Array
+    mean: zarr.Array
+    m2: zarr.Array
+    info: np.ndarray  # (blocks, len(BLOCK_COLUMNS)) int64
+    width: int
+
+    @property
+    def blocks(self) -> int:
+        return int(self.info.shape[0])
+
+    def info_column(self, name: str) -> np.ndarray:
+        return self.info[:, BLOCK_COLUMNS.index(name)]
+
+    def read(self, index: int) -> tuple[int, np.ndarray, np.ndarray]:
+        """Block ``index`` as ``(count, mean, m2)``."""
+        return int(self.count[index]), np.asarray(self.mean[index]), np.asarray(self.m2[index])
+
+
+@dataclass
+class RankPart:
+    """One process's group of a run."""
+
+    rank: int
+    group: zarr.Group
+    state: dict[str, Any]
+    layers: dict[str, LayerRecord]
+    calls: np.ndarray  # committed calls, (n, len(CALL_COLUMNS)) int64, layer column rank-local
+
+    @property
+    def epochs_complete(self) -> list[int]:
+        return [int(e) for e in self.state["epochs_complete"]]
+
+    @property
+    def epoch_open(self) -> int | None:
+        e = self.state.get("epoch_open")
+        return None if e is None else int(e)
+
+    def raw(self, layer: str) -> RawArray:
+        rec = self.layers[layer]
+        if not rec.raw_array:
+            raise KeyError(layer)
+        rows = int(self.state["committed"]["raw_rows"].get(layer, 0))
+        return RawArray(self.group[rec.raw_array], rows, rec.stored_dtype or "float32")
+
+    def gram(self, layer: str, method: str) -> GramBlocks:
+        rec = self.layers[layer]
+        if method not in rec.gram:
+            raise KeyError(f"{layer}/{method}")
+        blocks = int(self.state["committed"]["gram_blocks"].get(f"{layer}/{method}", 0))
+        base = rec.gram[method]["path"]
+        info = np.asarray(self.group[f"{base}/info"][:blocks]).reshape(blocks, len(BLOCK_COLUMNS))
+        return GramBlocks(
+            self.group[f"{base}/count"],
+            self.group[f"{base}/mean"],
+            self.group[f"{base}/m2"],
+            info,
+            int(rec.gram[method]["width"]),
+        )
+
+
+@dataclass
+class RunInfo:
+    """What a run store holds. Returned by :func:`open_run`.
+
+    Attributes
+    ----------
+    path : str
+        The store.
+    meta : dict
+        The root attributes of this package (format, version, creation time, versions, options, model).
+    options : CaptureOptions
+        How the run was captured.
+    ranks : list of RankPart
+        One part per process that wrote the run.
+    layers : list of str
+        Layer names in first-seen order.
+    epochs : list of int
+        Epochs complete in every rank.
+    incomplete_epoch : int or None
+        An epoch that was started but not committed (a crash, or capture still running).
+    scalars : dict
+        ``epoch -> {name: value}`` from ``Recorder.add_scalar`` (rank 0's).
+    """
+
+    path: str
+    meta: dict[str, Any]
+    options: CaptureOptions
+    ranks: list[RankPart]
+    layers: list[str]
+    epochs: list[int]
+    incomplete_epoch: int | None
+    scalars: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        mode = self.options.mode
+        return ("raw", "gram") if mode == "both" else (mode,)
+
+    def layer(self, name: str) -> LayerRecord:
+        """The layer's record (from the first rank that saw it)."""
+        for part in self.ranks:
+            if name in part.layers:
+                return part.layers[name]
+        raise KeyError(
+            f"{self.path}: no layer {name!r} in this run; layers are: {', '.join(self.layers) or '(none)'}"
+        )
+
+    def calls(self) -> dict[str, np.ndarray]:
+        """Every committed call of every rank as columns (``CALL_COLUMNS`` plus ``rank``).
+
+        The ``layer`` column holds the run-wide index into :attr:`layers`.
+        """
+        parts = []
+        for part in self.ranks:
+            if len(part.calls) == 0:
+                continue
+            local = {rec.index: self.layers.index(name) for name, rec in part.layers.items()}
+            calls = part.calls.copy()
+            calls[:, CALL_COLUMNS.index("layer")] = [
+                local[int(i)] for i in calls[:, CALL_COLUMNS.index("layer")]
+            ]
+            parts.append(np.column_stack([calls, np.full(len(calls), part.rank, dtype=np.int64)]))
+        table = np.concatenate(parts) if parts else np.zeros((0, len(CALL_COLUMNS) + 1), dtype=np.int64)
+        names = (*CALL_COLUMNS, "rank")
+        return {name: table[:, i] for i, name in enumerate(names)}
+
+    def samples(self) -> dict[tuple[int, str, str], int]:
+        """Recorded samples (dim-0 rows) per ``(epoch, phase, layer)`` over all ranks."""
+        calls = self.calls()
+        out: dict[tuple[int, str, str], int] = {}
+        for e, p, li, n in zip(
+            calls["epoch"], calls["phase"], calls["layer"], calls["row_count"], strict=True
+        ):
+            key = (int(e), PHASES[int(p)], self.layers[int(li)])
+            out[key] = out.get(key, 0) + int(n)
+        return out
+
+    def phases(self) -> list[str]:
+        present = {PHASES[int(p)] for p in self.calls()["phase"]}
+        return [p for p in PHASES if p in present]
+
+    def nbytes(self) -> int:
+        """Bytes on disk under the store."""
+        return sum(f.stat().st_size for f in Path(self.path).rglob("*") if f.is_file())
+
+
+def open_run(path: str | os.PathLike[str]) -> RunInfo:
+    """Open a run store written by :class:`capture.Recorder` (metadata only).
+
+    Parameters
+    ----------
+    path : str or PathLike
+        The store directory.
+
+    Raises
+    ------
+    FileNotFoundError
+        No store at ``path``.
+    StoreFormatError
+        ``path`` holds something else, or a newer format version.
+    """
+    where = os.fspath(path)
+    if not Path(where).exists():
+        raise FileNotFoundError(f"{where}: no run store here")
+    try:
+        root = zarr.open_group(where, mode="r")
+    except Exception as exc:  # noqa: BLE001 - zarr raises several kinds
+        raise StoreFormatError(f"{where}: not a zarr v3 group ({exc})") from exc
+    meta = check_format(root.attrs.asdict(), where)
+    ranks = []
+    for name in sorted(root.group_keys()):
+        if not name.startswith("rank-"):
+            continue
+        group = root[name]
+        state = group.attrs.get(ATTRS_KEY)
+        if not isinstance(state, dict):
+            raise StoreFormatError(f"{where}/{name}: a rank group without its {ATTRS_KEY!r} attribute")
+        layers = {d["name"]: LayerRecord.from_dict(d) for d in state["layers"]}
+        n_calls = int(state["committed"]["calls"])
+        calls = (
+            np.asarray(group["calls"][:n_calls]).reshape(n_calls, len(CALL_COLUMNS))
+            if n_calls
+            else np.zeros((0, len(CALL_COLUMNS)), dtype=np.int64)
+        )
+        ranks.append(RankPart(int(state["rank"]), group, state, layers, calls))
+    layer_names: list[str] = []
+    for part in ranks:
+        for rec in sorted(part.layers.values(), key=lambda r: r.index):
+            if rec.name not in layer_names:
+                layer_names.append(rec.name)
+    complete_sets = [set(p.epochs_complete) for p in ranks]
+    epochs = sorted(set.intersection(*complete_sets)) if complete_sets else []
+    partial = sorted(set.union(*complete_sets) - set(epochs)) if complete_sets else []
+    opened = [p.epoch_open for p in ranks if p.epoch_open is not None]
+    incomplete = min(partial + opened) if (partial or opened) else None
+    scalars: dict[int, dict[str, Any]] = {}
+    for part in reversed(ranks):  # rank 0 wins
+        for e, values in part.state.get("scalars", {}).items():
+            if int(e) in epochs:
+                scalars.setdefault(int(e), {}).update(values)
+    options = CaptureOptions.from_dict(meta.get("options", {}))
+    return RunInfo(
+        where, meta, options, ranks, layer_names, epochs, incomplete, dict(sorted(scalars.items()))
+    )

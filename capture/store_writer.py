@@ -1,0 +1,464 @@
+"""Writing one process's part of a run store (format version 1).
+
+Only the background writer thread calls these methods once a run is open. Data
+arrays are preallocated and grown geometrically; what is valid is what the
+rank group's ``committed`` attribute says, and that attribute is written last,
+atomically (zarr's local store writes each file through a rename), so a killed
+process leaves a store in which every committed epoch reads back exactly.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shutil
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+import zarr.codecs
+
+from capture.format import (
+    ATTRS_KEY,
+    BLOCK_COLUMNS,
+    CALL_COLUMNS,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    CaptureOptions,
+    check_format,
+    rank_group_name,
+)
+
+__all__ = ["RunStoreWriter", "LayerRecord", "package_versions", "make_compressors"]
+
+_ARRAY_CONFIG = {"write_empty_chunks": True}
+_CALL_CHUNK_ROWS = 8192
+_DIMS = {
+    "flat": ("sample", "feature"),
+    "sequence": ("sample", "time", "feature"),
+}
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that shape a run's numbers."""
+    out = {}
+    for dist in ("delve-pipeline", "torch", "zarr", "numcodecs", "numpy"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "unknown"
+    return out
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def make_compressors(compression: Any, typesize: int) -> Any:
+    """zarr ``compressors`` for a compression name (``lz4``, ``zstd``, ``none``) or a codec object."""
+    if compression is None or compression == "none":
+        return None
+    if isinstance(compression, str):
+        if compression not in ("lz4", "zstd"):
+            raise ValueError(
+                f"compression: unknown compression {compression!r}; valid values are: lz4, zstd, none, "
+                "or a zarr / numcodecs codec"
+            )
+        return zarr.codecs.BloscCodec(cname=compression, clevel=1, shuffle="shuffle", typesize=typesize)
+    return compression
+
+
+def conv_dims(ndim: int) -> tuple[str, ...]:
+    spatial = {1: ("length",), 2: ("height", "width"), 3: ("depth", "height", "width")}.get(
+        ndim - 2, tuple(f"axis{i}" for i in range(ndim - 2))
+    )
+    return ("sample", "channel", *spatial)
+
+
+def _safe(name: str) -> str:
+    return name.replace("/", "%2F")
+
+
+def _refuse_foreign(path: Path) -> None:
+    """Refuse to delete a folder that is not a run store (``overwrite`` must never eat other data)."""
+    if not path.is_dir():
+        raise FileExistsError(f"{path}: exists and is not a directory; refusing to overwrite it")
+    if not (path / "zarr.json").exists():
+        raise FileExistsError(f"{path}: exists and is not a zarr store; refusing to overwrite it")
+    check_format(zarr.open_group(path, mode="r").attrs.asdict(), str(path))
+
+
+@dataclass
+class LayerRecord:
+    """What the store says about one recorded layer (an entry of the ``layers`` attribute)."""
+
+    name: str
+    index: int
+    type: str
+    kind: str
+    layout: str
+    sample_shape: tuple[int, ...]
+    source_dtype: str
+    stored_dtype: str | None = None
+    raw_array: str | None = None
+    chunk_rows: int | None = None
+    gram: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "index": self.index,
+            "type": self.type,
+            "kind": self.kind,
+            "layout": self.layout,
+            "sample_shape": list(self.sample_shape),
+            "source_dtype": self.source_dtype,
+            "stored_dtype": self.stored_dtype,
+            "raw_array": self.raw_array,
+            "chunk_rows": self.chunk_rows,
+            "gram": self.gram,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LayerRecord:
+        return cls(
+            name=d["name"],
+            index=int(d["index"]),
+            type=d["type"],
+            kind=d["kind"],
+            layout=d["layout"],
+            sample_shape=tuple(d["sample_shape"]),
+            source_dtype=d["source_dtype"],
+            stored_dtype=d.get("stored_dtype"),
+            raw_array=d.get("raw_array"),
+            chunk_rows=d.get("chunk_rows"),
+            gram=dict(d.get("gram") or {}),
+        )
+
+
+class _GrowingArray:
+    """A zarr array whose first axis grows geometrically; ``length`` is what holds data."""
+
+    def __init__(self, array: zarr.Array, length: int) -> None:
+        self.array = array
+        self.length = length
+
+    def reserve(self, rows: int) -> None:
+        cap = self.array.shape[0]
+        if rows > cap:
+            new = max(rows, int(cap * 1.5) + 1, 16)
+            self.array.resize((new, *self.array.shape[1:]))
+
+    def trim(self) -> None:
+        if self.array.shape[0] != self.length:
+            self.array.resize((self.length, *self.array.shape[1:]))
+
+
+class _RawSink:
+    """Buffers one layer's rows and writes whole chunks (several at a time)."""
+
+    def __init__(self, array: zarr.Array, committed_rows: int, chunks_per_write: int = 4) -> None:
+        self.grow = _GrowingArray(array, committed_rows)
+        self.chunk_rows = int(array.chunks[0])
+        self.chunks_per_write = chunks_per_write
+        self.row_shape = tuple(array.shape[1:])
+        self.buffer = np.empty((self.chunk_rows * chunks_per_write, *self.row_shape), dtype=array.dtype)
+        # The buffer always starts on a chunk boundary; ``filled`` rows of it hold data.
+        self.start = (committed_rows // self.chunk_rows) * self.chunk_rows
+        self.filled = committed_rows - self.start
+        if self.filled:
+            self.buffer[: self.filled] = array[self.start : committed_rows]
+
+    @property
+    def next_row(self) -> int:
+        return self.start + self.filled
+
+    def append(self, rows: np.ndarray) -> None:
+        offset = 0
+        while offset < len(rows):
+            take = min(len(rows) - offset, len(self.buffer) - self.filled)
+            self.buffer[self.filled : self.filled + take] = rows[offset : offset + take]
+            self.filled += take
+            offset += take
+            if self.filled == len(self.buffer):
+                self._write(self.filled)
+                self.start += self.filled
+                self.filled = 0
+
+    def _write(self, rows: int) -> None:
+        end = self.start + rows
+        self.grow.reserve(end)
+        self.grow.array[self.start : end] = self.buffer[:rows]
+        self.grow.length = max(self.grow.length, end)
+
+    def flush(self) -> None:
+        """Write the buffered rows, keep the partial last chunk in memory for the next epoch."""
+        if self.filled == 0:
+            return
+        self._write(self.filled)
+        full = (self.filled // self.chunk_rows) * self.chunk_rows
+        if full:
+            self.buffer[: self.filled - full] = self.buffer[full : self.filled]
+            self.start += full
+            self.filled -= full
+
+
+class RunStoreWriter:
+    """The zarr side of a :class:`capture.Recorder`: arrays, blocks, commits.
+
+    Parameters
+    ----------
+    path : str or Path
+        The run store (a directory).
+    options : CaptureOptions
+        Stored in the attributes.
+    rank, world_size : int
+        This process's part of a multi-process run.
+    resume, overwrite : bool
+        Continue an existing store / replace it. Without either, an existing store is refused.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        options: CaptureOptions,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        resume: bool = False,
+        overwrite: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        self.options = options
+        self.rank = rank
+        self.world_size = world_size
+        exists = self.path.exists() and any(self.path.iterdir()) if self.path.is_dir() else self.path.exists()
+        where = str(self.path)
+        if exists and not (resume or overwrite):
+            raise FileExistsError(
+                f"{where}: a run store already exists here; pass resume=True to continue it "
+                "or overwrite=True to replace it"
+            )
+        if exists and overwrite and not resume and rank == 0:
+            _refuse_foreign(self.path)
+            shutil.rmtree(self.path)
+            exists = False
+        if exists or (rank != 0 and (self.path / "zarr.json").exists()):
+            self.root = zarr.open_group(self.path, mode="r+")
+            check_format(self.root.attrs.asdict(), where)
+        else:
+            self.root = zarr.open_group(self.path, mode="a")
+            if ATTRS_KEY not in self.root.attrs:
+                self.root.attrs[ATTRS_KEY] = {
+                    "format": FORMAT_NAME,
+                    "format_version": FORMAT_VERSION,
+                    "created": _now(),
+                    "versions": package_versions(),
+                    "options": options.to_dict(),
+                    "world_size": world_size,
+                    "model": [],
+                }
+        gname = rank_group_name(rank)
+        if gname in self.root and resume:
+            self.group = self.root[gname]
+            self.state = dict(self.group.attrs[ATTRS_KEY])
+        else:
+            if gname in self.root:
+                del self.root[gname]
+            self.group = self.root.create_group(gname)
+            self.state = {
+                "rank": rank,
+                "world_size": world_size,
+                "options": options.to_dict(),
+                "layers": [],
+                "epochs_complete": [],
+                "epoch_open": None,
+                "scalars": {},
+                "committed": {"calls": 0, "raw_rows": {}, "gram_blocks": {}},
+                "call_counters": {},
+                "updated": _now(),
+            }
+            self.group.attrs[ATTRS_KEY] = self.state
+        self.layers: dict[str, LayerRecord] = {
+            d["name"]: LayerRecord.from_dict(d) for d in self.state["layers"]
+        }
+        committed = self.state["committed"]
+        self._calls = self._open_calls(int(committed["calls"]))
+        self._raw: dict[str, _RawSink] = {}
+        self._gram: dict[str, dict[str, _GrowingArray]] = {}
+        for rec in self.layers.values():
+            if rec.raw_array:
+                self._raw[rec.name] = _RawSink(
+                    self.group[rec.raw_array], int(committed["raw_rows"][rec.name])
+                )
+            for method, info in rec.gram.items():
+                key = f"{rec.name}/{method}"
+                blocks = int(committed["gram_blocks"].get(key, 0))
+                self._gram[key] = {
+                    part: _GrowingArray(self.group[f"{info['path']}/{part}"], blocks)
+                    for part in ("count", "mean", "m2", "info")
+                }
+
+    # -- creation ------------------------------------------------------------------------------
+    def _open_calls(self, committed: int) -> _GrowingArray:
+        if "calls" in self.group:
+            return _GrowingArray(self.group["calls"], committed)
+        arr = self.group.create_array(
+            "calls",
+            shape=(0, len(CALL_COLUMNS)),
+            chunks=(_CALL_CHUNK_ROWS, len(CALL_COLUMNS)),
+            dtype="int64",
+            fill_value=-1,
+            dimension_names=("call", "column"),
+            attributes={"columns": list(CALL_COLUMNS)},
+            config=_ARRAY_CONFIG,
+        )
+        return _GrowingArray(arr, committed)
+
+    def add_layer(self, rec: LayerRecord, raw_dtype: str | None, gram_widths: dict[str, int]) -> None:
+        """Create the arrays of a newly seen layer."""
+        base = f"layers/{_safe(rec.name)}"
+        if raw_dtype is not None:
+            np_dtype = np.dtype("uint16" if raw_dtype == "bfloat16" else raw_dtype)
+            row_bytes = max(1, int(np.prod(rec.sample_shape, dtype=np.int64)) * np_dtype.itemsize)
+            chunk_rows = max(1, min(self.options.chunk_bytes // row_bytes, 1 << 20))
+            dims = (
+                conv_dims(len(rec.sample_shape) + 1)
+                if rec.layout == "conv"
+                else _DIMS.get(rec.layout, tuple(f"axis{i}" for i in range(len(rec.sample_shape) + 1)))
+            )
+            path = f"{base}/raw"
+            self.group.create_array(
+                path,
+                shape=(0, *rec.sample_shape),
+                chunks=(chunk_rows, *rec.sample_shape),
+                dtype=np_dtype,
+                fill_value=0,
+                compressors=make_compressors(self.options.compression, np_dtype.itemsize),
+                dimension_names=dims,
+                attributes={"stored_dtype": raw_dtype, "layer": rec.name},
+                config=_ARRAY_CONFIG,
+            )
+            rec.raw_array = path
+            rec.stored_dtype = raw_dtype
+            rec.chunk_rows = chunk_rows
+            self._raw[rec.name] = _RawSink(self.group[path], 0)
+        for method, width in gram_widths.items():
+            gpath = f"{base}/gram/{method}"
+            arrays = {
+                "count": ((0,), (1024,), "int64", ("block",)),
+                "mean": ((0, width), (1, width), "float64", ("block", "feature")),
+                "m2": (
+                    (0, width, width),
+                    (1, max(1, min(width, (4 * 2**20) // (8 * width))), width),
+                    "float64",
+                    ("block", "feature", "feature_t"),
+                ),
+                "info": ((0, len(BLOCK_COLUMNS)), (1024, len(BLOCK_COLUMNS)), "int64", ("block", "column")),
+            }
+            made = {}
+            for part, (shape, chunks, dtype, dims) in arrays.items():
+                made[part] = _GrowingArray(
+                    self.group.create_array(
+                        f"{gpath}/{part}",
+                        shape=shape,
+                        chunks=chunks,
+                        dtype=dtype,
+                        fill_value=0,
+                        compressors=None,
+                        dimension_names=dims,
+                        attributes={"columns": list(BLOCK_COLUMNS)} if part == "info" else None,
+                        config=_ARRAY_CONFIG,
+                    ),
+                    0,
+                )
+            self._gram[f"{rec.name}/{method}"] = made
+            rec.gram[method] = {"path": gpath, "width": int(width)}
+        self.layers[rec.name] = rec
+
+    # -- data ----------------------------------------------------------------------------------
+    def raw_next_row(self, layer: str) -> int:
+        return self._raw[layer].next_row
+
+    def write_raw(self, layer: str, rows: np.ndarray) -> None:
+        self._raw[layer].append(rows)
+
+    def write_gram_block(
+        self, layer: str, method: str, info: tuple[int, ...], count: int, mean: np.ndarray, m2: np.ndarray
+    ) -> None:
+        arrays = self._gram[f"{layer}/{method}"]
+        b = arrays["count"].length
+        for part, value in (
+            ("count", np.asarray([count], dtype=np.int64)),
+            ("mean", mean[None]),
+            ("m2", m2[None]),
+            ("info", np.asarray([info], dtype=np.int64)),
+        ):
+            g = arrays[part]
+            g.reserve(b + 1)
+            g.array[b : b + 1] = value
+            g.length = b + 1
+
+    def write_calls(self, rows: np.ndarray) -> None:
+        if len(rows) == 0:
+            return
+        start = self._calls.length
+        self._calls.reserve(start + len(rows))
+        self._calls.array[start : start + len(rows)] = rows
+        self._calls.length = start + len(rows)
+
+    # -- commits -------------------------------------------------------------------------------
+    def _committed(self) -> dict[str, Any]:
+        return {
+            "calls": self._calls.length,
+            "raw_rows": {name: sink.grow.length for name, sink in self._raw.items()},
+            "gram_blocks": {key: arrays["count"].length for key, arrays in self._gram.items()},
+        }
+
+    def commit_blocks(self) -> None:
+        """Record the gram blocks written so far (mid-epoch progress)."""
+        self.state["committed"]["gram_blocks"] = self._committed()["gram_blocks"]
+        self._write_state()
+
+    def open_epoch(self, epoch: int) -> None:
+        self.state["epoch_open"] = int(epoch)
+        self._write_state()
+
+    def commit_epoch(
+        self, epoch: int, calls: np.ndarray, scalars: dict[str, Any], call_counters: dict[str, int]
+    ) -> None:
+        """Flush an epoch's data, write its calls, and mark it complete (the commit point)."""
+        for sink in self._raw.values():
+            sink.flush()
+        self.write_calls(calls)
+        for sink in self._raw.values():
+            sink.grow.trim()
+        for arrays in self._gram.values():
+            for g in arrays.values():
+                g.trim()
+        self._calls.trim()
+        self.state["committed"] = self._committed()
+        complete = [e for e in self.state["epochs_complete"] if e != epoch]
+        self.state["epochs_complete"] = sorted([*complete, int(epoch)])
+        self.state["epoch_open"] = None
+        if scalars:
+            self.state["scalars"][str(epoch)] = scalars
+        self.state["call_counters"] = dict(call_counters)
+        self._write_state()
+
+    def _write_state(self) -> None:
+        self.state["layers"] = [rec.to_dict() for rec in sorted(self.layers.values(), key=lambda r: r.index)]
+        self.state["updated"] = _now()
+        self.group.attrs[ATTRS_KEY] = self.state
+        if self.rank == 0:
+            meta = dict(self.root.attrs[ATTRS_KEY])
+            model = [
+                {k: d[k] for k in ("name", "type", "kind", "layout", "sample_shape", "source_dtype")}
+                for d in self.state["layers"]
+            ]
+            if meta.get("model") != model:
+                meta["model"] = model
+                self.root.attrs[ATTRS_KEY] = meta
