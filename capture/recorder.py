@@ -30,6 +30,7 @@ from capture.reshape import (
     layout_of,
     matrix_width,
     methods_for_layout,
+    resizes,
     to_matrix,
 )
 from capture.store_writer import LayerRecord, RunStoreWriter, make_compressors
@@ -118,7 +119,7 @@ class Recorder:
     ...     with Recorder(net, f"{tmp}/run.zarr", mode="both") as rec:
     ...         for epoch in range(2):
     ...             _ = net(torch.randn(8, 4))
-    ...             rec.end_epoch()
+    ...             _ = rec.end_epoch()
     ...     rec.layer_names
     ['0', '2']
     """
@@ -373,11 +374,7 @@ class Recorder:
         layout = layout_of(kind, out.dim())
         opts = self.options
         stored_shape = sample_shape
-        if (
-            layout == "conv"
-            and opts.interpolation is not None
-            and any(s > opts.downsample for s in sample_shape[1:])
-        ):
+        if layout == "conv" and resizes(sample_shape[1:], opts.interpolation, opts.downsample):
             stored_shape = (sample_shape[0], *([opts.downsample] * (len(sample_shape) - 1)))
         rec = LayerRecord(
             name=name,

@@ -39,6 +39,7 @@ __all__ = [
     "layout_of",
     "methods_for_layout",
     "interpolate_maps",
+    "resizes",
     "to_matrix",
     "matrix_width",
     "check_conv_method",
@@ -193,16 +194,32 @@ def methods_for_layout(layout: str, conv_methods: Any, timeseries_methods: Any) 
     return (FLAT_METHOD,)
 
 
+def resizes(spatial: tuple[int, ...], mode: str | None, size: int | None) -> bool:
+    """Whether :func:`interpolate_maps` resizes maps of this spatial shape (``(H, W)``, ``(L,)``, ...).
+
+    As in delve 0.1.50 a map is resized only when one spatial extent is larger than
+    ``size`` (strictly). A mode that does not apply to the map's rank (``bilinear`` on a
+    ``Conv1d`` output) leaves it as it is: delve never interpolates anything but 4-D outputs.
+
+    Examples
+    --------
+    >>> resizes((32, 32), "bilinear", 8), resizes((8, 8), "bilinear", 8), resizes((32,), "bilinear", 8)
+    (True, False, False)
+    """
+    if mode is None or size is None or not spatial:
+        return False
+    if len(spatial) not in INTERPOLATION_MODES.get(mode, ()):
+        return False
+    return any(int(s) > size for s in spatial)
+
+
 def interpolate_maps(x: torch.Tensor, mode: str | None, size: int | None) -> torch.Tensor:
     """Resize the spatial maps of ``(N, C, *spatial)`` to ``size`` along every axis.
 
     As in delve 0.1.50 this happens only when one spatial extent is larger than
-    ``size`` (strictly), and then every spatial axis becomes ``size``.
+    ``size`` (strictly), and then every spatial axis becomes ``size`` (see :func:`resizes`).
     """
-    if mode is None or size is None or x.dim() < 3:
-        return x
-    spatial = x.shape[2:]
-    if not any(s > size for s in spatial):
+    if x.dim() < 3 or not resizes(tuple(x.shape[2:]), mode, size):
         return x
     if x.dtype in (torch.float16, torch.bfloat16) and x.device.type == "cpu":
         return F.interpolate(x.float(), size=size, mode=mode).to(x.dtype)
@@ -278,7 +295,7 @@ def matrix_width(
     if layout == "sequence":
         return int(shape[-1]) if method == "last_timestep" else int(np.prod(shape, dtype=np.int64))
     channels, spatial = int(shape[0]), tuple(int(s) for s in shape[1:])
-    if interpolation is not None and downsample is not None and any(s > downsample for s in spatial):
+    if resizes(spatial, interpolation, downsample):
         spatial = (downsample,) * len(spatial)
     if method == "flatten":
         return channels * int(np.prod(spatial, dtype=np.int64))

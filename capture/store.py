@@ -270,7 +270,12 @@ def open_run(path: str | os.PathLike[str]) -> RunInfo:
         for rec in sorted(part.layers.values(), key=lambda r: r.index):
             if rec.name not in layer_names:
                 layer_names.append(rec.name)
+    # An epoch is complete when every rank of the run committed it: a rank that has not written its
+    # group yet (it starts later, or died before its first commit) has completed nothing.
+    world_size = max([int(meta.get("world_size", 1))] + [int(p.state.get("world_size", 1)) for p in ranks])
+    present = {p.rank for p in ranks}
     complete_sets = [set(p.epochs_complete) for p in ranks]
+    complete_sets += [set() for r in range(world_size) if r not in present]
     epochs = sorted(set.intersection(*complete_sets)) if complete_sets else []
     partial = sorted(set.union(*complete_sets) - set(epochs)) if complete_sets else []
     opened = [p.epoch_open for p in ranks if p.epoch_open is not None]

@@ -235,18 +235,27 @@ class RunStoreWriter:
         self.options = options
         self.rank = rank
         self.world_size = world_size
-        exists = self.path.exists() and any(self.path.iterdir()) if self.path.is_dir() else self.path.exists()
+        gname = rank_group_name(rank)
+        nonempty = any(self.path.iterdir()) if self.path.is_dir() else self.path.exists()
+        # The ranks of a multi-process run share the store: what one rank must not clobber is its own
+        # group (another rank may have created the store already). Anything that is not a run store
+        # counts as existing.
+        shared = world_size > 1
+        exists = nonempty and (
+            not shared or not (self.path / "zarr.json").exists() or (self.path / gname).exists()
+        )
         where = str(self.path)
         if exists and not (resume or overwrite):
             raise FileExistsError(
                 f"{where}: a run store already exists here; pass resume=True to continue it "
                 "or overwrite=True to replace it"
             )
-        if exists and overwrite and not resume and rank == 0:
+        if exists and overwrite and not resume:
             _refuse_foreign(self.path)
-            shutil.rmtree(self.path)
-            exists = False
-        if exists or (rank != 0 and (self.path / "zarr.json").exists()):
+            if not shared:  # a shared store loses only this rank's group (below)
+                shutil.rmtree(self.path)
+                exists = False
+        if (self.path / "zarr.json").exists():
             self.root = zarr.open_group(self.path, mode="r+")
             check_format(self.root.attrs.asdict(), where)
         else:
@@ -261,10 +270,10 @@ class RunStoreWriter:
                     "world_size": world_size,
                     "model": [],
                 }
-        gname = rank_group_name(rank)
         if gname in self.root and resume:
             self.group = self.root[gname]
             self.state = dict(self.group.attrs[ATTRS_KEY])
+            self._roll_back()
         else:
             if gname in self.root:
                 del self.root[gname]
@@ -301,6 +310,35 @@ class RunStoreWriter:
                     part: _GrowingArray(self.group[f"{info['path']}/{part}"], blocks)
                     for part in ("count", "mean", "m2", "info")
                 }
+
+    def _roll_back(self) -> None:
+        """Forget what a killed process wrote after its last epoch commit (before resuming).
+
+        Layers first seen in the unfinished epoch and the gram blocks of that epoch (mid-epoch
+        flushes are visible to readers) would otherwise be counted twice when it is recorded again.
+        """
+        committed = self.state["committed"]
+        n_layers = committed.get("layers")
+        if n_layers is None:  # a store written before ``committed.layers`` existed
+            n_calls = int(committed["calls"])
+            seen = np.asarray(self.group["calls"][:n_calls])[:, CALL_COLUMNS.index("layer")] if n_calls else []
+            n_layers = int(max(seen, default=-1)) + 1
+        self.state["layers"] = [d for d in self.state["layers"] if int(d["index"]) < int(n_layers)]
+        records = {d["name"]: d for d in self.state["layers"]}
+        complete = {int(e) for e in self.state["epochs_complete"]}
+        gram_blocks = {}
+        for key, blocks in committed["gram_blocks"].items():
+            layer, method = key.rsplit("/", 1)
+            if layer not in records:
+                continue
+            keep = int(blocks)
+            if keep:
+                path = records[layer]["gram"][method]["path"]
+                epochs = np.asarray(self.group[f"{path}/info"][:keep])[:, BLOCK_COLUMNS.index("epoch")]
+                while keep and int(epochs[keep - 1]) not in complete:
+                    keep -= 1
+            gram_blocks[key] = keep
+        committed["gram_blocks"] = gram_blocks
 
     # -- creation ------------------------------------------------------------------------------
     def _open_calls(self, committed: int) -> _GrowingArray:
@@ -341,6 +379,7 @@ class RunStoreWriter:
                 dimension_names=dims,
                 attributes={"stored_dtype": raw_dtype, "layer": rec.name},
                 config=_ARRAY_CONFIG,
+                overwrite=True,  # arrays a killed process created after its last commit
             )
             rec.raw_array = path
             rec.stored_dtype = raw_dtype
@@ -372,6 +411,7 @@ class RunStoreWriter:
                         dimension_names=dims,
                         attributes={"columns": list(BLOCK_COLUMNS)} if part == "info" else None,
                         config=_ARRAY_CONFIG,
+                        overwrite=True,
                     ),
                     0,
                 )
@@ -413,6 +453,7 @@ class RunStoreWriter:
     # -- commits -------------------------------------------------------------------------------
     def _committed(self) -> dict[str, Any]:
         return {
+            "layers": len(self.layers),
             "calls": self._calls.length,
             "raw_rows": {name: sink.grow.length for name, sink in self._raw.items()},
             "gram_blocks": {key: arrays["count"].length for key, arrays in self._gram.items()},

@@ -1,0 +1,31 @@
+"""Analysis stage: reduce stored runs to covariances and compute every statistic, after the fact.
+
+Public entry points: :func:`run_stats` (a tidy table), :func:`analyze_runs` (the table plus
+spectra, covariances, embeddings and diagnostics), :func:`inspect_run` and the
+statistics registry in :mod:`analyze.stats`.
+"""
+
+from __future__ import annotations
+
+from analyze.api import AnalysisError, analyze_runs, inspect_run, parse_epochs, run_stats
+from analyze.result import TABLE_COLUMNS, AnalysisResult, LayerFailure
+from analyze.selection import Selection
+from analyze.stats import SEMANTICS, STATS, Spectrum, compute_stat, compute_stats, spectrum_of
+
+__all__ = [
+    "SEMANTICS",
+    "STATS",
+    "TABLE_COLUMNS",
+    "AnalysisError",
+    "AnalysisResult",
+    "LayerFailure",
+    "Selection",
+    "Spectrum",
+    "analyze_runs",
+    "compute_stat",
+    "compute_stats",
+    "inspect_run",
+    "parse_epochs",
+    "run_stats",
+    "spectrum_of",
+]

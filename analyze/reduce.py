@@ -1,0 +1,240 @@
+"""Dask reduction of stored runs to per-(epoch, phase) moments, deterministically.
+
+Raw activations
+---------------
+A layer's raw array is read in tasks of ``2**k`` consecutive store chunks (aligned).
+Each task computes, for every store chunk and every (epoch, phase) group with
+selected rows in that chunk, the float64 moments of each reduction method's
+matrix. Moments are merged over a binary tree whose shape depends only on the
+store's chunk index (node ``[lo, hi)`` = merge of its two halves, an empty half
+being the identity): tasks build the lower levels, dask ``delayed`` merges build
+the upper ones. The result is therefore bit-for-bit the same whatever the task
+size, the scheduler (synchronous, threads, processes, distributed) or the
+number of workers.
+
+Gram blocks
+-----------
+Blocks stored by the capture hook are merged in block order with
+:func:`capture.moments.tree_merge`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zarr
+from dask import delayed
+
+from capture.moments import batch_moments, merge_moments, tree_merge
+from capture.reshape import to_matrix
+from capture.store import decode_stored
+
+__all__ = [
+    "Partial",
+    "RawSource",
+    "merge_partials",
+    "raw_reduction_graph",
+    "gram_partial",
+    "chunk_reads",
+    "ChunkReadError",
+]
+
+#: ``(count, mean, m2, nonfinite_rows)`` with numpy float64 arrays; ``None`` for "no rows".
+Partial = tuple[int, np.ndarray, np.ndarray, int]
+
+#: Counts the raw chunk ranges read (tests use it to prove that a cached re-run reads none).
+chunk_reads: dict[str, int] = {"tasks": 0, "rows": 0}
+
+
+@dataclass(frozen=True)
+class RawSource:
+    """Where a (rank, layer) raw array lives and how its rows become matrices."""
+
+    store: str
+    array_path: str
+    stored_dtype: str
+    layout: str
+    chunk_rows: int
+    rows: int
+    interpolation: str | None = None
+    downsample: int | None = None
+    device: str = "cpu"
+    label: str = ""
+
+
+class ChunkReadError(RuntimeError):
+    """A chunk range of a raw array could not be read or reduced."""
+
+
+def merge_partials(a: Partial | None, b: Partial | None) -> Partial | None:
+    """Merge two partial results; ``None`` is the identity (exactly)."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    n, mean, m2 = merge_moments(a[:3], b[:3])
+    return n, mean, m2, a[3] + b[3]
+
+
+def _merge_dicts(a: dict[Any, Partial], b: dict[Any, Partial]) -> dict[Any, Partial]:
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = merge_partials(out.get(key), value)
+    return out
+
+
+def _tree_over_positions(leaves: dict[int, dict[Any, Partial]], lo: int, hi: int) -> dict[Any, Partial]:
+    """Merge ``leaves`` (position -> partials) over the aligned binary tree on ``[lo, hi)``."""
+    present = [p for p in leaves if lo <= p < hi]
+    if not present:
+        return {}
+    if hi - lo == 1:
+        return leaves[lo]
+    mid = (lo + hi) // 2
+    return _merge_dicts(_tree_over_positions(leaves, lo, mid), _tree_over_positions(leaves, mid, hi))
+
+
+def _matrix_moments(x: np.ndarray, layout: str, method: str, src: RawSource) -> Partial:
+    """Float64 moments of the matrix of ``x`` (rows of one group in one chunk)."""
+    if src.device != "cpu":
+        import torch
+
+        t = torch.from_numpy(np.ascontiguousarray(x)).to(src.device)
+        mat = to_matrix(t, layout, method, interpolation=src.interpolation, downsample=src.downsample)
+        n, mean, m2 = batch_moments(mat)
+        mean, m2 = mean.cpu().numpy(), m2.cpu().numpy()
+    elif layout == "conv" and method == "channelwise" and src.interpolation is None:
+        # Fused: transpose to channel-major, cast to float64 and centre in one pass; then SYRK.
+        c = x.shape[1]
+        axes = (0, *range(2, x.ndim))
+        mean = x.mean(axis=axes, dtype=np.float64)
+        centred = np.empty((c, x.shape[0], *x.shape[2:]), dtype=np.float64)
+        np.subtract(np.moveaxis(x, 1, 0), mean.reshape(c, *([1] * (x.ndim - 1))), out=centred)
+        centred = centred.reshape(c, -1)
+        n, m2 = centred.shape[1], centred @ centred.T
+    else:
+        feature_major = method == "channelwise"
+        mat = to_matrix(
+            x,
+            layout,
+            method,
+            interpolation=src.interpolation,
+            downsample=src.downsample,
+            feature_major=feature_major,
+        )
+        n, mean, m2 = batch_moments(mat, feature_major=feature_major)
+    nonfinite = 0
+    if not np.isfinite(mean).all():
+        nonfinite = int((~np.isfinite(x.reshape(x.shape[0], -1))).any(axis=1).sum())
+    return int(n), mean, m2, nonfinite
+
+
+def _reduce_chunk_range(
+    src: RawSource,
+    chunk_lo: int,
+    chunk_hi: int,
+    groups: dict[Any, list[tuple[int, int]]],
+    methods: tuple[str, ...],
+) -> dict[Any, Partial]:
+    """Partials of every (group, method) over store chunks ``[chunk_lo, chunk_hi)`` (one task)."""
+    from threadpoolctl import threadpool_limits
+
+    r = src.chunk_rows
+    start, stop = chunk_lo * r, min(chunk_hi * r, src.rows)
+    epochs = sorted({g[0] for g in groups if isinstance(g, tuple)})
+    try:
+        array = zarr.open_array(src.store, path=src.array_path, mode="r")
+        data = decode_stored(np.asarray(array[start:stop]), src.stored_dtype)
+    except Exception as exc:  # noqa: BLE001 - re-raised with its context
+        raise ChunkReadError(
+            f"{src.label or src.store}: epoch(s) {epochs}: reading chunks {chunk_lo}-{chunk_hi - 1} "
+            f"(rows {start}-{stop - 1}) of {src.array_path} failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    chunk_reads["tasks"] += 1
+    chunk_reads["rows"] += stop - start
+    leaves: dict[int, dict[Any, Partial]] = {}
+    with threadpool_limits(limits=1, user_api="blas"):
+        for chunk in range(chunk_lo, chunk_hi):
+            c0, c1 = chunk * r, min((chunk + 1) * r, src.rows)
+            for group, ranges in groups.items():
+                parts = [
+                    data[max(a, c0) - start : min(b, c1) - start] for a, b in ranges if a < c1 and b > c0
+                ]
+                if not parts:
+                    continue
+                x = parts[0] if len(parts) == 1 else np.concatenate(parts)
+                leaf = leaves.setdefault(chunk, {})
+                for method in methods:
+                    leaf[(group, method)] = _matrix_moments(x, src.layout, method, src)
+    return _tree_over_positions(leaves, chunk_lo, chunk_hi)
+
+
+def raw_reduction_graph(
+    src: RawSource,
+    groups: dict[Any, list[tuple[int, int]]],
+    methods: Sequence[str],
+    task_bytes: int = 16 * 2**20,
+    row_bytes: int = 1,
+) -> Any:
+    """A dask ``delayed`` giving ``{(group, method): Partial}`` for one (rank, layer) raw array.
+
+    Parameters
+    ----------
+    src : RawSource
+        The array and its reshaping.
+    groups : dict
+        group key (e.g. ``(epoch, phase)``) -> selected row ranges ``(start, stop)``.
+    methods : sequence of str
+        Reduction methods for the layer's layout.
+    task_bytes : int
+        Decoded bytes per task (rounded to a power-of-two number of store chunks).
+        It does not change the result, only the parallelism.
+    row_bytes : int
+        Decoded bytes of one row.
+    """
+    r = src.chunk_rows
+    n_chunks = -(-src.rows // r) if src.rows else 0
+    per_task = max(1, task_bytes // max(1, r * row_bytes))
+    per_task = 1 << (per_task.bit_length() - 1)  # power of two: tasks align with the tree
+    needed: set[int] = set()
+    for ranges in groups.values():
+        for a, b in ranges:
+            if b > a:
+                needed.update(range(a // r // per_task, (b - 1) // r // per_task + 1))
+    size = 1
+    while size < max(1, -(-n_chunks // per_task)):
+        size *= 2
+    methods = tuple(methods)
+    nodes: dict[int, Any] = {}
+    for t in sorted(needed):
+        lo = t * per_task
+        hi = lo + per_task
+        sub = {g: [(a, b) for a, b in rs if a < hi * r and b > lo * r] for g, rs in groups.items()}
+        sub = {g: rs for g, rs in sub.items() if rs}
+        nodes[t] = delayed(_reduce_chunk_range, pure=True)(src, lo, hi, sub, methods)
+    # Upper levels of the same aligned tree, over task positions [0, size).
+    while size > 1:
+        merged: dict[int, Any] = {}
+        for left in range(0, size, 2):
+            a, b = nodes.get(left), nodes.get(left + 1)
+            if a is not None and b is not None:
+                merged[left // 2] = delayed(_merge_dicts, pure=True)(a, b)
+            elif a is not None or b is not None:
+                merged[left // 2] = a if a is not None else b
+        nodes, size = merged, size // 2
+    return nodes.get(0, delayed(dict)())
+
+
+def gram_partial(
+    read_block: Callable[[int], tuple[int, np.ndarray, np.ndarray]],
+    blocks: Sequence[int],
+    nonfinite_rows: int,
+) -> Partial | None:
+    """Merge stored gram blocks (indices in store order) into one partial."""
+    if not len(blocks):
+        return None
+    n, mean, m2 = tree_merge([read_block(int(i)) for i in blocks])
+    return n, mean, m2, nonfinite_rows

@@ -1,0 +1,77 @@
+"""The result of an analysis: a tidy table plus the spectra and diagnostics behind it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["TABLE_COLUMNS", "SpectrumKey", "AnalysisResult", "LayerFailure"]
+
+#: Columns of the tidy statistics table, in order.
+TABLE_COLUMNS = (
+    "run",
+    "epoch",
+    "phase",
+    "layer",
+    "conv_method",
+    "timeseries_method",
+    "threshold",
+    "stat",
+    "value",
+)
+
+#: ``(run, epoch, phase, layer, conv_method, timeseries_method)``: what one covariance belongs to.
+SpectrumKey = tuple[str, int, str, str, str, str]
+
+
+@dataclass(frozen=True)
+class LayerFailure:
+    """A (run, layer) that could not be analysed with ``on_error="skip"``."""
+
+    run: str
+    layer: str
+    epoch: int | None
+    error: str
+
+
+@dataclass
+class AnalysisResult:
+    """Everything an analysis produced.
+
+    Attributes
+    ----------
+    table : pandas.DataFrame
+        Tidy table with :data:`TABLE_COLUMNS`. ``threshold`` is NaN for statistics that take none;
+        scalars recorded with ``add_scalar`` come back with ``stat`` set to their name and ``layer``,
+        ``phase``, ``conv_method`` and ``timeseries_method`` empty strings.
+    spectra : dict
+        :data:`SpectrumKey` -> eigenvalues (descending, float64).
+    covariances : dict
+        :data:`SpectrumKey` -> covariance matrix, only when ``cov`` was asked for.
+    embeddings : dict
+        :data:`SpectrumKey` -> ``(n, 2)`` points, only when ``embed`` was asked for.
+    nonfinite : dict
+        :data:`SpectrumKey` -> number of samples with NaN / Inf values (only where non-zero).
+    failures : list of LayerFailure
+        What was skipped with ``on_error="skip"``.
+    options : dict
+        Every option of the analysis (for provenance).
+    inputs : dict
+        run name -> ``{"path": ..., "content_hash": ...}``.
+    scalar_names : dict
+        run name -> scalar names in recording order.
+    """
+
+    table: pd.DataFrame
+    spectra: dict[SpectrumKey, np.ndarray] = field(default_factory=dict)
+    covariances: dict[SpectrumKey, np.ndarray] = field(default_factory=dict)
+    embeddings: dict[SpectrumKey, np.ndarray] = field(default_factory=dict)
+    nonfinite: dict[SpectrumKey, int] = field(default_factory=dict)
+    failures: list[LayerFailure] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
+    inputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    layer_order: dict[str, list[str]] = field(default_factory=dict)
+    scalar_names: dict[str, list[str]] = field(default_factory=dict)
