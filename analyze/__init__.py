@@ -8,6 +8,7 @@ statistics registry in :mod:`analyze.stats`.
 from __future__ import annotations
 
 from analyze.api import AnalysisError, analyze_runs, inspect_run, parse_epochs, run_stats
+from analyze.outputs import publish_outputs, write_outputs
 from analyze.result import TABLE_COLUMNS, AnalysisResult, LayerFailure
 from analyze.selection import Selection
 from analyze.stats import SEMANTICS, STATS, Spectrum, compute_stat, compute_stats, spectrum_of
@@ -26,6 +27,8 @@ __all__ = [
     "compute_stats",
     "inspect_run",
     "parse_epochs",
+    "publish_outputs",
     "run_stats",
     "spectrum_of",
+    "write_outputs",
 ]

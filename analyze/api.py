@@ -420,6 +420,7 @@ def analyze_runs(
         result.scalar_names[name] = list(
             dict.fromkeys(k for e in selected_epochs for k in run.scalars.get(e, {}))
         )
+        result.scalars[name] = {e: dict(run.scalars[e]) for e in selected_epochs if e in run.scalars}
         for layer in layer_names:
             jobs.append((run, name, layer, selected_epochs, fingerprint))
 
@@ -608,10 +609,20 @@ def _plan_layer(
     else:
         if not has_raw:
             captured = ", ".join(sorted(rec.gram)) or "none"
-            raise AnalysisError(
-                f"{run.path}: layer {layer!r}: this gram-only store did not capture the {', '.join(methods)} "
-                f"reduction (captured: {captured}); analyse a captured method or re-capture in raw mode"
-            )
+            if source == "raw":
+                reason = "source='raw' needs raw activations, and this store holds gram moments only"
+            elif has_gram:  # the moments are there; the selection or interpolation is what needs rows
+                reason = (
+                    "log_interval / max_samples / calls / interpolation need raw activations, and this "
+                    "store holds gram moments only"
+                )
+            else:
+                missing = [m for m in methods if m not in rec.gram] or list(methods)
+                reason = (
+                    f"this gram-only store did not capture the {', '.join(missing)} reduction "
+                    f"(captured: {captured}); analyse a captured method or re-capture in raw mode"
+                )
+            raise AnalysisError(f"{run.path}: layer {layer!r}: {reason}")
         kind = "raw"
     for method in methods:
         width = matrix_width(rec.sample_shape, layout, method, interpolation=interp, downsample=downsample)
@@ -775,6 +786,8 @@ def _embeddings(result: AnalysisResult, plans: dict, entries: dict, compat: bool
                 raw = part.raw(layer)
                 for a, b in select_rows(sel[:, 3], sel[:, 4], sel[:, 5], plan["selection"]):
                     x = decode_stored(np.asarray(raw.array[a:b]), raw.stored_dtype)
+                    if x.dtype == np.float16:  # reduce as the covariance did (analyze.reduce)
+                        x = x.astype(np.float32)
                     mat = to_matrix(
                         x,
                         plan["layout"],

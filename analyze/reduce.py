@@ -20,7 +20,11 @@ Blocks stored by the capture hook are merged in block order with
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import json
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,6 +103,9 @@ def _tree_over_positions(leaves: dict[int, dict[Any, Partial]], lo: int, hi: int
 
 def _matrix_moments(x: np.ndarray, layout: str, method: str, src: RawSource) -> Partial:
     """Float64 moments of the matrix of ``x`` (rows of one group in one chunk)."""
+    if x.dtype == np.float16:
+        # torch keeps float16 through mean / interpolate: work in float32, as for float32 and bfloat16 stores
+        x = x.astype(np.float32)
     if src.device != "cpu":
         import torch
 
@@ -132,6 +139,145 @@ def _matrix_moments(x: np.ndarray, layout: str, method: str, src: RawSource) -> 
     return int(n), mean, m2, nonfinite
 
 
+_blas_lock = threading.Lock()
+_blas_users = 0
+_blas_limiter: Any = None
+
+
+@contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    """BLAS limited to one thread while any reduction task of this process runs.
+
+    The tasks are the parallelism. ``threadpool_limits`` restores on exit the limit it found on
+    entry, and the limit is process-wide: with two tasks overlapping in threads, the first to end
+    would give the other's products every core again (on a busy machine a 2-thread OpenBLAS SYRK
+    ran 20x slower than a 1-thread one). One limit shared by the running tasks (a reference
+    count) holds until the last one ends.
+    """
+    from threadpoolctl import threadpool_limits
+
+    global _blas_users, _blas_limiter
+    with _blas_lock:
+        if _blas_users == 0:
+            _blas_limiter = threadpool_limits(limits=1, user_api="blas")
+        _blas_users += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                limiter, _blas_limiter = _blas_limiter, None
+                limiter.restore_original_limits()
+
+
+def _plain_chunk_files(src: RawSource) -> dict[str, Any] | None:
+    """How to read ``src``'s chunks as plain files, or ``None`` when zarr must read them.
+
+    Covers what :class:`capture.Recorder` writes: a local zarr v3 array, a regular grid with one
+    chunk across every axis but the first, the default chunk key encoding, little-endian
+    ``bytes`` and at most a Blosc compressor (no sharding, no other codec).
+    """
+    if "://" in src.store:
+        return None
+    folder = os.path.join(src.store, *src.array_path.split("/"))
+    try:
+        with open(os.path.join(folder, "zarr.json"), "rb") as f:
+            meta = json.load(f)
+        shape = [int(s) for s in meta["shape"]]
+        grid = meta["chunk_grid"]
+        chunks = [int(s) for s in grid["configuration"]["chunk_shape"]]
+        keys = meta["chunk_key_encoding"]
+        codecs = meta["codecs"]
+        dtype = np.dtype(meta["data_type"])
+        fill = meta.get("fill_value", 0)
+    except Exception:  # noqa: BLE001 - anything unexpected: let zarr read it
+        return None
+    if (
+        meta.get("zarr_format") != 3
+        or meta.get("storage_transformers")
+        or grid.get("name") != "regular"
+        or keys.get("name") != "default"
+        or len(shape) < 1
+        or len(chunks) != len(shape)
+        or chunks[0] != src.chunk_rows
+        or chunks[1:] != shape[1:]
+        or dtype.kind not in "fiub"
+        or not codecs
+        or codecs[0].get("name") != "bytes"
+        or (codecs[0].get("configuration") or {}).get("endian", "little") != "little"
+        or any(c.get("name") != "blosc" for c in codecs[1:])
+        or len(codecs) > 2
+        or not isinstance(fill, (int, float))
+    ):
+        return None
+    sep = (keys.get("configuration") or {}).get("separator", "/")
+    return {
+        "folder": folder,
+        "prefix": "c" + sep,
+        "suffix": "".join(sep + "0" for _ in shape[1:]),
+        "dtype": dtype.newbyteorder("<"),
+        "row_shape": tuple(shape[1:]),
+        "blosc": len(codecs) == 2,
+        "fill": fill,
+    }
+
+
+def _read_chunk_file(plan: dict[str, Any], chunk: int, out: np.ndarray) -> None:
+    """Decode store chunk ``chunk`` into ``out`` (the whole chunk, C-contiguous), as zarr would."""
+    path = os.path.join(plan["folder"], f"{plan['prefix']}{chunk}{plan['suffix']}")
+    try:
+        f = open(path, "rb")  # noqa: SIM115
+    except FileNotFoundError:  # never written: zarr reads the fill value
+        out[...] = plan["fill"]
+        return
+    with f:
+        if not plan["blosc"]:
+            got = f.readinto(memoryview(out).cast("B"))
+            if got != out.nbytes or f.read(1):
+                raise ValueError(f"chunk file {path} holds {os.fstat(f.fileno()).st_size} bytes, not {out.nbytes}")
+            return
+        raw = f.read()
+    from numcodecs import blosc
+
+    # The Blosc header (16 bytes): decoded size at bytes 4-8, frame size at 12-16 (little endian).
+    nbytes = int.from_bytes(raw[4:8], "little") if len(raw) >= 16 else -1
+    cbytes = int.from_bytes(raw[12:16], "little") if len(raw) >= 16 else -1
+    if nbytes != out.nbytes or cbytes != len(raw):
+        raise ValueError(
+            f"chunk file {path}: a Blosc frame of {cbytes} bytes decoding to {nbytes} in a file of {len(raw)} "
+            f"bytes, for a chunk of {out.nbytes}"
+        )
+    blosc.decompress(raw, out)
+
+
+def _chunks_of(src: RawSource, chunk_lo: int, chunk_hi: int) -> Iterator[tuple[int, int, np.ndarray]]:
+    """``(chunk, first row, decoded rows)`` of each store chunk in ``[chunk_lo, chunk_hi)`` with rows.
+
+    Chunk files of a plain local array are decoded one at a time into one chunk-sized buffer (the
+    rows of a chunk are consumed before the next is read); other arrays are read through zarr.
+    The values are the same either way.
+    """
+    r = src.chunk_rows
+    plan = _plain_chunk_files(src)
+    if plan is None:
+        start, stop = chunk_lo * r, min(chunk_hi * r, src.rows)
+        array = zarr.open_array(src.store, path=src.array_path, mode="r")
+        data = decode_stored(np.asarray(array[start:stop]), src.stored_dtype)
+        for chunk in range(chunk_lo, chunk_hi):
+            c0, c1 = chunk * r, min((chunk + 1) * r, src.rows)
+            if c1 > c0:
+                yield chunk, c0, data[c0 - start : c1 - start]
+        return
+    buffer = np.empty((r, *plan["row_shape"]), dtype=plan["dtype"])
+    for chunk in range(chunk_lo, chunk_hi):
+        c0, c1 = chunk * r, min((chunk + 1) * r, src.rows)
+        if c1 <= c0:
+            break
+        _read_chunk_file(plan, chunk, buffer)
+        yield chunk, c0, decode_stored(buffer[: c1 - c0], src.stored_dtype)
+
+
 def _reduce_chunk_range(
     src: RawSource,
     chunk_lo: int,
@@ -140,35 +286,34 @@ def _reduce_chunk_range(
     methods: tuple[str, ...],
 ) -> dict[Any, Partial]:
     """Partials of every (group, method) over store chunks ``[chunk_lo, chunk_hi)`` (one task)."""
-    from threadpoolctl import threadpool_limits
-
     r = src.chunk_rows
     start, stop = chunk_lo * r, min(chunk_hi * r, src.rows)
     epochs = sorted({g[0] for g in groups if isinstance(g, tuple)})
-    try:
-        array = zarr.open_array(src.store, path=src.array_path, mode="r")
-        data = decode_stored(np.asarray(array[start:stop]), src.stored_dtype)
-    except Exception as exc:  # noqa: BLE001 - re-raised with its context
-        raise ChunkReadError(
-            f"{src.label or src.store}: epoch(s) {epochs}: reading chunks {chunk_lo}-{chunk_hi - 1} "
-            f"(rows {start}-{stop - 1}) of {src.array_path} failed: {type(exc).__name__}: {exc}"
-        ) from exc
-    chunk_reads["tasks"] += 1
-    chunk_reads["rows"] += stop - start
     leaves: dict[int, dict[Any, Partial]] = {}
-    with threadpool_limits(limits=1, user_api="blas"):
-        for chunk in range(chunk_lo, chunk_hi):
-            c0, c1 = chunk * r, min((chunk + 1) * r, src.rows)
+    chunks = _chunks_of(src, chunk_lo, chunk_hi)
+    with _one_blas_thread():
+        while True:
+            try:
+                item = next(chunks, None)
+            except Exception as exc:  # noqa: BLE001 - re-raised with its context
+                raise ChunkReadError(
+                    f"{src.label or src.store}: epoch(s) {epochs}: reading chunks {chunk_lo}-{chunk_hi - 1} "
+                    f"(rows {start}-{stop - 1}) of {src.array_path} failed: {type(exc).__name__}: {exc}"
+                ) from exc
+            if item is None:
+                break
+            chunk, c0, data = item
+            c1 = c0 + len(data)
             for group, ranges in groups.items():
-                parts = [
-                    data[max(a, c0) - start : min(b, c1) - start] for a, b in ranges if a < c1 and b > c0
-                ]
+                parts = [data[max(a, c0) - c0 : min(b, c1) - c0] for a, b in ranges if a < c1 and b > c0]
                 if not parts:
                     continue
                 x = parts[0] if len(parts) == 1 else np.concatenate(parts)
                 leaf = leaves.setdefault(chunk, {})
                 for method in methods:
                     leaf[(group, method)] = _matrix_moments(x, src.layout, method, src)
+    chunk_reads["tasks"] += 1
+    chunk_reads["rows"] += stop - start
     return _tree_over_positions(leaves, chunk_lo, chunk_hi)
 
 

@@ -63,6 +63,8 @@ class AnalysisResult:
         run name -> ``{"path": ..., "content_hash": ...}``.
     scalar_names : dict
         run name -> scalar names in recording order.
+    scalars : dict
+        run name -> epoch -> scalar name -> value, as recorded (ints stay ints).
     """
 
     table: pd.DataFrame
@@ -75,3 +77,4 @@ class AnalysisResult:
     inputs: dict[str, dict[str, Any]] = field(default_factory=dict)
     layer_order: dict[str, list[str]] = field(default_factory=dict)
     scalar_names: dict[str, list[str]] = field(default_factory=dict)
+    scalars: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)

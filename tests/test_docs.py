@@ -1,0 +1,52 @@
+"""Every code example in the docs and the README runs, so the docs cannot drift from the code.
+
+Per Markdown file, in order and in one working folder: ```python blocks are executed in one
+shared namespace; ```console blocks run each ``$ command`` line in a shell and must exit 0.
+The README's two set-up commands are exercised by CI itself (``.ci/run``), not here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC_FILES = sorted((ROOT / "docs").glob("*.md"))
+BLOCK = re.compile(r"^```(python|console)\n(.*?)^```", re.S | re.M)
+
+
+def _blocks(path: Path) -> list[tuple[str, str]]:
+    return [(m.group(1), m.group(2)) for m in BLOCK.finditer(path.read_text())]
+
+
+def test_docs_have_examples() -> None:
+    with_examples = [p.name for p in DOC_FILES if _blocks(p)]
+    assert {"capturing.md", "analysing.md", "quickstart.md"} <= set(with_examples), with_examples
+
+
+@pytest.mark.parametrize("doc", [p for p in DOC_FILES if _blocks(p)], ids=lambda p: p.name)
+def test_doc_examples_run(doc: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    namespace: dict[str, object] = {"__name__": f"doc_{doc.stem}"}
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "MPLBACKEND": "Agg"}
+    for i, (kind, code) in enumerate(_blocks(doc)):
+        if kind == "python":
+            exec(compile(code, f"{doc.name}[block {i}]", "exec"), namespace)  # noqa: S102 - the docs' own code
+            continue
+        for line in code.splitlines():
+            if not line.startswith("$ "):
+                continue
+            command = line[2:]
+            proc = subprocess.run(
+                command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+            )
+            assert proc.returncode == 0, f"{doc.name}: `{command}` failed:\n{proc.stdout}\n{proc.stderr}"
+            assert shlex.split(command)
