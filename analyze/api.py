@@ -16,7 +16,14 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from analyze.cache import CovarianceCache, run_fingerprint
-from analyze.reduce import Partial, RawSource, gram_partial, merge_partials, raw_reduction_graph
+from analyze.reduce import (
+    ChunkReadError,
+    Partial,
+    RawSource,
+    gram_partial,
+    merge_partials,
+    raw_reduction_graph,
+)
 from analyze.result import TABLE_COLUMNS, AnalysisResult, LayerFailure
 from analyze.selection import Selection, select_rows
 from analyze.stats import (
@@ -459,7 +466,18 @@ def analyze_runs(
             else:
                 misses.append(cov_key)
         if misses:
-            pending[(name, layer)] = _layer_graph(plan, misses, need_cov, task_bytes)
+            try:
+                pending[(name, layer)] = _layer_graph(plan, misses, need_cov, task_bytes)
+            except (KeyError, OSError, ValueError) as exc:  # a missing or damaged array
+                error = ChunkReadError(
+                    f"{run.path}: layer {layer!r}: epoch(s) {sel_epochs}: its stored arrays cannot be opened "
+                    f"({type(exc).__name__}: {exc})"
+                )
+                if on_error == "skip":
+                    result.failures.append(LayerFailure(name, layer, None, f"ChunkReadError: {error}"))
+                    del plans[(name, layer)]
+                    continue
+                raise error from exc
 
     # 2. Reduce what the cache does not hold.
     keys = list(pending)
@@ -627,10 +645,16 @@ def _plan_layer(
     for method in methods:
         width = matrix_width(rec.sample_shape, layout, method, interpolation=interp, downsample=downsample)
         if width > MAX_WIDTH:
+            hint = (
+                "use another method or --interpolation with a smaller --downsample"
+                if layout == "conv"
+                else "leave the layer out (--layers) or use another --timeseries-method"
+                if layout == "sequence"
+                else "leave the layer out (--layers): no reduction applies to a flat output"
+            )
             raise AnalysisError(
                 f"{run.path}: layer {layer!r}: the {method!r} matrix is {width} columns wide; its covariance alone "
-                f"needs {width * width * 8 / 2**30:.1f} GiB (limit {MAX_WIDTH} columns); use another method or "
-                "--interpolation with a smaller --downsample"
+                f"needs {width * width * 8 / 2**30:.1f} GiB (limit {MAX_WIDTH} columns); {hint}"
             )
     targets: dict[tuple[int, str, str], list[tuple[str, str]]] = {}
     for epoch in epochs:
@@ -731,7 +755,13 @@ def _gram_partials(
     out: dict[Any, Partial] = {}
     kind = 1 if last_call else 0
     for method in methods:
-        blocks = part.gram(layer, method)
+        try:
+            blocks = part.gram(layer, method)
+        except Exception as exc:  # noqa: BLE001 - re-raised with its context
+            raise ChunkReadError(
+                f"{path}: layer {layer!r}: epoch(s) {sorted({e for e, _ in groups})}: the {method!r} gram "
+                f"blocks of rank {rank} cannot be read: {type(exc).__name__}: {exc}"
+            ) from exc
         for e, p in groups:
             mask = (
                 (blocks.info_column("epoch") == e)
@@ -740,7 +770,13 @@ def _gram_partials(
             )
             idx = np.flatnonzero(mask)
             nonfinite = int(blocks.info_column("nonfinite_rows")[idx].clip(min=0).sum())
-            partial = gram_partial(blocks.read, idx, nonfinite)
+            try:
+                partial = gram_partial(blocks.read, idx, nonfinite)
+            except Exception as exc:  # noqa: BLE001 - re-raised with its context
+                raise ChunkReadError(
+                    f"{path}: layer {layer!r}: epoch {e}, {p}: reading {method!r} gram blocks {idx.tolist()} "
+                    f"of rank {rank} failed: {type(exc).__name__}: {exc}"
+                ) from exc
             if partial is not None:
                 out[((e, p), method)] = partial
     return out

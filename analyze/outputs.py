@@ -38,6 +38,7 @@ Layout of an output folder
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import json
 import math
@@ -655,16 +656,24 @@ def publish_outputs(
     try:
         written = write_outputs(result, stage, plots=plots)
         os.chmod(stage, 0o755)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "out")
-            try:
+        try:
+            if out.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+                os.replace(out, old / "out")
+                try:
+                    os.replace(stage, out)
+                except BaseException:
+                    os.replace(old / "out", out)
+                    raise
+            else:
                 os.replace(stage, out)
-            except BaseException:
-                os.replace(old / "out", out)
+        except OSError as exc:  # another analysis swapped its folder in between
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
                 raise
-        else:
-            os.replace(stage, out)
+            raise FileExistsError(
+                f"{out}: another analysis published to this folder at the same time; the folder holds that "
+                "analysis's complete output, this one's was not written"
+            ) from exc
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise

@@ -61,8 +61,18 @@ class Selection:
 
     @property
     def needs_rows(self) -> bool:
-        """Whether only raw activations can serve it (gram blocks hold whole epochs or the last call)."""
-        return self.log_interval is not None or self.max_samples is not None or self.calls is not None
+        """Whether only raw activations can serve it (gram blocks hold whole epochs or the last call).
+
+        ``log_interval=1`` keeps every recorded call, so gram blocks serve it.
+
+        Examples
+        --------
+        >>> Selection(log_interval=1).needs_rows, Selection(log_interval=2).needs_rows
+        (False, True)
+        """
+        return (
+            self.log_interval not in (None, 1) or self.max_samples is not None or self.calls is not None
+        )
 
     def key(self) -> tuple:
         return (self.log_interval, self.max_samples, self.calls, self.last_call)

@@ -50,3 +50,19 @@ def test_doc_examples_run(doc: Path, tmp_path: Path, monkeypatch: pytest.MonkeyP
             )
             assert proc.returncode == 0, f"{doc.name}: `{command}` failed:\n{proc.stdout}\n{proc.stderr}"
             assert shlex.split(command)
+
+
+def test_cli_reference_lists_every_option() -> None:
+    import click
+
+    from pipelines.cli import cli
+
+    text = (ROOT / "docs" / "cli.md").read_text()
+    ctx = click.Context(cli, info_name="delve-analyze")
+    for name in cli.list_commands(ctx):
+        command = cli.get_command(ctx, name)
+        assert f"## `delve-analyze {name}`" in text, f"docs/cli.md lacks the {name!r} command"
+        for param in command.params:
+            for opt in getattr(param, "opts", []):
+                if opt.startswith("-"):
+                    assert opt in text, f"docs/cli.md lacks {name} {opt}"

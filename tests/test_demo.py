@@ -1,0 +1,132 @@
+"""The digits demo: files, value ranges, the too-wide layer, determinism (one shared pair of runs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from analyze.result import TABLE_COLUMNS
+from pipelines.demo import DEMO_MARKER, DemoResult, load_digits_split, run_demo
+
+pytest.importorskip("sklearn")
+
+EPOCHS = 2
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[DemoResult, bytes, tuple]:
+    """Two demos with the same seed into the same folder (the second overwrites the first).
+
+    Returns the second run, the first run's ``stats.csv`` bytes and the torch settings
+    before the runs.
+    """
+    out = tmp_path_factory.mktemp("demo") / "out"
+    before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
+    first = run_demo(out, seed=0, epochs=EPOCHS, progress=False, print_report=False)
+    first_bytes = (first.analysis_dir / "stats.csv").read_bytes()
+    second = run_demo(out, seed=0, epochs=EPOCHS, progress=False, print_report=False)
+    return second, first_bytes, before
+
+
+def _stats(demo: DemoResult) -> pd.DataFrame:
+    return pd.read_csv(demo.analysis_dir / "stats.csv", keep_default_na=False, na_values=[""])
+
+
+def test_files_exist(demo: tuple[DemoResult, bytes, tuple]) -> None:
+    result, _, _ = demo
+    assert set(result.runs) == {"cnn", "mlp"}
+    for path in result.runs.values():
+        assert (path / "zarr.json").is_file()
+    analysis = result.analysis_dir
+    assert (analysis / "stats.csv").is_file() and (analysis / "provenance.json").is_file()
+    assert sorted(p.name for p in result.files["delve_csv"]) == [
+        "cnn_channelwise_last_timestep_t0.99.csv",
+        "mlp_channelwise_last_timestep_t0.99.csv",
+    ]
+    assert all(p.is_file() for p in result.files["delve_csv"])
+    plots = result.files["plots"]
+    assert plots and all(p.is_file() and p.read_bytes()[:4] == b"\x89PNG" for p in plots)
+    marker = json.loads((result.out / DEMO_MARKER).read_text())
+    assert marker["complete"] is True and marker["seed"] == 0 and marker["epochs"] == EPOCHS
+
+
+def test_table_values(demo: tuple[DemoResult, bytes, tuple]) -> None:
+    result, _, _ = demo
+    table = _stats(result)
+    assert tuple(table.columns) == TABLE_COLUMNS
+    assert sorted(set(table["epoch"])) == list(range(EPOCHS))
+    lsat = table[table["stat"] == "lsat"]
+    assert set(lsat["phase"]) == {"train", "eval"}
+    assert len(lsat) == 2 * EPOCHS * (4 + 3)  # phases x epochs x (cnn + mlp layers)
+    assert lsat["value"].between(0.0, 1.0).all()
+    accuracy = table[table["stat"].isin(["train_accuracy", "test_accuracy"])]
+    assert len(accuracy) == 2 * 2 * EPOCHS and accuracy["value"].between(0.0, 1.0).all()
+    # the models learn something even in two epochs
+    assert (result.accuracy[["train_accuracy", "test_accuracy"]] > 0.5).all().all()
+
+
+def test_too_wide_layer_is_least_saturated(demo: tuple[DemoResult, bytes, tuple]) -> None:
+    result, _, _ = demo
+    s = result.summary.set_index(["model", "layer"])
+    assert s.loc[("mlp", "fc1"), "width"] == 512
+    for phase in ("lsat_train", "lsat_eval"):
+        wide = s.loc[("mlp", "fc1"), phase]
+        # an affine map of 64 pixels: at most 64 of 512 dimensions vary
+        assert 0.0 < wide <= 64 / 512
+        for narrow in [("mlp", "fc3"), ("cnn", "conv1"), ("cnn", "fc2")]:
+            assert wide < s.loc[narrow, phase], (phase, narrow)
+
+
+def test_deterministic(demo: tuple[DemoResult, bytes, tuple]) -> None:
+    result, first_bytes, _ = demo
+    assert (result.analysis_dir / "stats.csv").read_bytes() == first_bytes
+
+
+def test_torch_settings_restored(demo: tuple[DemoResult, bytes, tuple]) -> None:
+    _, _, before = demo
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == before
+
+
+def test_report(demo: tuple[DemoResult, bytes, tuple]) -> None:
+    result, _, _ = demo
+    text = result.report()
+    assert str(result.analysis_dir / "stats.csv") in text
+    assert str(result.analysis_dir / "plots") in text
+    lines = text.splitlines()
+    assert any(line.split()[:3] == ["mlp", "fc1", "512"] for line in lines)
+    assert sum(line.split()[1:2] == ["accuracy"] for line in lines) == 2
+
+
+def test_refuses_foreign_folder(tmp_path: Path) -> None:
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a demo output"):
+        run_demo(tmp_path, epochs=1, progress=False, print_report=False)
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["precious.txt"]
+
+
+@pytest.mark.parametrize("kwargs", [{"epochs": 0}, {"epochs": 1.5}, {"seed": -1}, {"seed": True}])
+def test_bad_arguments(tmp_path: Path, kwargs: dict) -> None:
+    with pytest.raises(ValueError, match="epochs|seed"):
+        run_demo(tmp_path / "out", progress=False, print_report=False, **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_split_is_seeded() -> None:
+    a, b = load_digits_split(3), load_digits_split(3)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert len(a[1]) + len(a[3]) == 1797
+    assert not torch.equal(load_digits_split(4)[1], a[1])
+
+
+def test_doctests() -> None:
+    import doctest
+
+    import pipelines.demo
+
+    failed, attempted = doctest.testmod(pipelines.demo, optionflags=doctest.ELLIPSIS)
+    assert attempted > 0 and failed == 0
