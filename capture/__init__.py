@@ -16,7 +16,7 @@ from capture.format import (
 )
 from capture.layers import DEFAULT_LAYER_TYPES, discover_layers
 from capture.moments import Moments, batch_moments, merge_moments, tree_merge
-from capture.recorder import CaptureError, Recorder
+from capture.recorder import CaptureError, GramBlock, Recorder
 from capture.reshape import CONV_METHODS, TIMESERIES_METHODS, to_matrix
 from capture.store import RunInfo, open_run
 
@@ -30,6 +30,7 @@ __all__ = [
     "TIMESERIES_METHODS",
     "CaptureError",
     "CaptureOptions",
+    "GramBlock",
     "Moments",
     "Recorder",
     "RunInfo",

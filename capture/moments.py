@@ -33,7 +33,7 @@ def _to_float64(x: Any) -> Any:
     return x.to(torch.float64)
 
 
-def batch_moments(x: Any, feature_major: bool = False) -> tuple[int, Any, Any]:
+def batch_moments(x: Any, feature_major: bool = False, *, overwrite: bool = False) -> tuple[int, Any, Any]:
     """Count, mean and centred second moment of one batch, in float64.
 
     Parameters
@@ -43,6 +43,9 @@ def batch_moments(x: Any, feature_major: bool = False) -> tuple[int, Any, Any]:
         (the faster layout for a channelwise convolution).
     feature_major : bool
         Whether features run along the first axis.
+    overwrite : bool
+        Centre ``x`` in place when it is already float64 (saves a copy of ``x``; for a buffer the
+        caller owns). The numbers are the same.
 
     Returns
     -------
@@ -74,14 +77,23 @@ def batch_moments(x: Any, feature_major: bool = False) -> tuple[int, Any, Any]:
     x64 = _to_float64(x)
     if n == 0:
         return 0, _zeros_like(x64, (d,)), _zeros_like(x64, (d, d))
+    in_place = overwrite and x64 is x
     if feature_major:
         mean = x64.sum(1) / n
-        # A fresh float64 buffer is needed anyway for the centring.
-        centred = x64 - mean[:, None]
+        # A float64 buffer is needed anyway for the centring: x itself when the caller allows it.
+        if in_place:
+            x64 -= mean[:, None]
+            centred = x64
+        else:
+            centred = x64 - mean[:, None]
         m2 = centred @ centred.T
     else:
         mean = x64.sum(0) / n
-        centred = x64 - mean[None, :]
+        if in_place:
+            x64 -= mean[None, :]
+            centred = x64
+        else:
+            centred = x64 - mean[None, :]
         m2 = centred.T @ centred
     return n, mean, m2
 
@@ -94,8 +106,13 @@ def _zeros_like(ref: Any, shape: tuple[int, ...]) -> Any:
     return torch.zeros(shape, dtype=torch.float64, device=ref.device)
 
 
-def merge_moments(a: tuple[int, Any, Any], b: tuple[int, Any, Any]) -> tuple[int, Any, Any]:
+def merge_moments(
+    a: tuple[int, Any, Any], b: tuple[int, Any, Any], *, inplace: bool = False
+) -> tuple[int, Any, Any]:
     """Merge two partial moments ``(count, mean, m2)`` (Chan et al.'s pairwise update).
+
+    With ``inplace=True`` the result's ``m2`` is ``a``'s ``m2`` array, updated in place (no
+    temporary d x d arrays beyond one; for an accumulator that owns ``a``). The numbers are the same.
 
     Examples
     --------
@@ -114,6 +131,13 @@ def merge_moments(a: tuple[int, Any, Any], b: tuple[int, Any, Any]) -> tuple[int
     n = na + nb
     delta = mb - ma
     mean = ma + delta * (nb / n)
+    if inplace:
+        # Same operations in the same order as below: (sa + sb) + (outer * factor).
+        sa += sb
+        outer = delta[:, None] * delta[None, :]
+        outer *= na * nb / n
+        sa += outer
+        return n, mean, sa
     m2 = sa + sb + (delta[:, None] * delta[None, :]) * (na * nb / n)
     return n, mean, m2
 

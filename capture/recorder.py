@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -36,11 +38,28 @@ from capture.reshape import (
 from capture.store_writer import LayerRecord, RunStoreWriter, make_compressors
 from capture.writer import BackgroundWriter, WriterError
 
-__all__ = ["Recorder", "CaptureError"]
+__all__ = ["Recorder", "CaptureError", "GramBlock"]
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: Refuse gram moments wider than this (a d x d float64 matrix per block): 8192**2 * 8 B = 512 MiB.
 MAX_GRAM_WIDTH = 8192
+
+
+try:  # limits numpy's BLAS to one thread inside the hook (optional: without it, BLAS is left as is)
+    from threadpoolctl import ThreadpoolController as _ThreadpoolController
+except ImportError:  # pragma: no cover
+    _ThreadpoolController = None
+_blas_controller: Any = None
+
+
+def _one_blas_thread() -> Any:
+    """A context manager that runs numpy's BLAS on one thread (a no-op without threadpoolctl)."""
+    global _blas_controller
+    if _ThreadpoolController is None:
+        return contextlib.nullcontext()
+    if _blas_controller is None:
+        _blas_controller = _ThreadpoolController().select(user_api="blas")
+    return _blas_controller.limit(limits=1)
 
 
 class CaptureError(RuntimeError):
@@ -52,6 +71,31 @@ def _check_positive_int(value: Any, argument: str, allow_none: bool = False) -> 
         return
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{argument}: must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True, eq=False)
+class GramBlock:
+    """A block of gram moments as the recorder flushes it; what ``Recorder(on_block=...)`` receives.
+
+    ``kind`` is :data:`~capture.format.BLOCK_KIND_EPOCH` (moments of the calls ``first_call`` to
+    ``last_call`` of the epoch; an epoch may have several such blocks, to be merged) or
+    :data:`~capture.format.BLOCK_KIND_LAST_CALL` (the last recorded call of the epoch alone, sent
+    once per epoch at :meth:`Recorder.end_epoch`). ``count``, ``mean`` and ``m2`` are the partial
+    moments (:func:`capture.moments.batch_moments`), float64 numpy arrays.
+    """
+
+    epoch: int
+    phase: str
+    layer: str
+    method: str
+    kind: int
+    first_call: int
+    last_call: int
+    sample_rows: int
+    nonfinite_rows: int
+    count: int
+    mean: np.ndarray
+    m2: np.ndarray
 
 
 class _Accumulator:
@@ -76,8 +120,9 @@ class Recorder:
     ----------
     modules : Module, list of Modules or dict of name -> Module
         The model (its supported leaf layers are discovered) or explicit modules.
-    path : str or PathLike
-        The run store to create (a directory, conventionally ``*.zarr``).
+    path : str, PathLike or None
+        The run store to create (a directory, conventionally ``*.zarr``). None keeps nothing on
+        disk (``mode="gram"`` only): the moments reach the caller through ``on_block``.
     mode : {"raw", "gram", "both"}
         ``raw`` keeps the outputs themselves (any reduction can be chosen later); ``gram`` keeps
         float64 partial moments of each reduction in ``conv_methods`` / ``timeseries_methods``.
@@ -109,6 +154,15 @@ class Recorder:
         This process's part of a multi-process run (defaults from ``torch.distributed``).
     on_error : {"raise", "warn"}
         On a writer failure raise at the next recorder call, or warn once and stop capturing.
+    device : str or torch.device, optional
+        Compute the gram moments on this device (default: where each layer's output is).
+    on_batch : callable, optional
+        ``on_batch(phase, layer, method, matrix)`` for every recorded call and gram method, with
+        the call's ``(n, d)`` sample matrix (a torch tensor, possibly a view of the layer output:
+        copy it to keep it). Called from the forward hook.
+    on_block : callable, optional
+        ``on_block(block)`` with a :class:`GramBlock` for every block of moments flushed (the
+        epoch's moments and the last call's, at :meth:`end_epoch` or every ``gram_block_rows``).
 
     Examples
     --------
@@ -127,7 +181,7 @@ class Recorder:
     def __init__(
         self,
         modules: nn.Module | Iterable[nn.Module] | Mapping[str, nn.Module],
-        path: str | os.PathLike[str],
+        path: str | os.PathLike[str] | None,
         mode: str = "raw",
         *,
         layer_filter: Callable[[dict[str, nn.Module]], dict[str, nn.Module]] | None = None,
@@ -149,6 +203,9 @@ class Recorder:
         rank: int | None = None,
         world_size: int | None = None,
         on_error: str = "raise",
+        device: str | torch.device | None = None,
+        on_batch: Callable[[str, str, str, torch.Tensor], None] | None = None,
+        on_block: Callable[[GramBlock], None] | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode: unknown mode {mode!r}; valid values are: {', '.join(MODES)}")
@@ -179,6 +236,8 @@ class Recorder:
         make_compressors(compression, 4)  # validates the name
         if resume and overwrite:
             raise ValueError("resume and overwrite: choose one")
+        if path is None and mode != "gram":
+            raise ValueError("path: a recorder without a store (path=None) needs mode='gram'")
 
         self.layers = discover_layers(modules, layer_filter=layer_filter, layers=layers, ignore=ignore)
         if rank is None or world_size is None:
@@ -188,7 +247,11 @@ class Recorder:
                 (torch.distributed.get_world_size() if dist_on else 1) if world_size is None else world_size
             )
         self.rank, self.world_size = int(rank), int(world_size)
-        self.path = os.fspath(path)
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(
+                f"rank, world_size: need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}"
+            )
+        self.path = "<no store>" if path is None else os.fspath(path)
         self.options = CaptureOptions(
             mode=mode,
             dtype=dtype,
@@ -205,25 +268,34 @@ class Recorder:
         )
         self._compression = compression
         self.on_error = on_error
-        self._store = RunStoreWriter(
-            self.path,
-            self.options,
-            rank=self.rank,
-            world_size=self.world_size,
-            resume=resume,
-            overwrite=overwrite,
-        )
-        self._writer = BackgroundWriter(max_queue_bytes)
+        self._device = None if device is None else torch.device(device)
+        self._on_batch = on_batch
+        self._on_block = on_block
+        self._store: RunStoreWriter | None = None
+        self._writer: BackgroundWriter | None = None
+        if path is not None:
+            self._store = RunStoreWriter(
+                self.path,
+                self.options,
+                rank=self.rank,
+                world_size=self.world_size,
+                resume=resume,
+                overwrite=overwrite,
+                compression=compression,
+            )
+            self._writer = BackgroundWriter(max_queue_bytes)
         self._raw = mode in ("raw", "both")
         self._gram = mode in ("gram", "both")
 
-        state = self._store.state
+        state = self._store.state if self._store is not None else {"epochs_complete": []}
         done = state["epochs_complete"]
         self.epoch = (max(done) + 1) if done else 0
         self._counters: dict[str, int] = {n: int(c) for n, c in state.get("call_counters", {}).items()}
-        self._records: dict[str, LayerRecord] = dict(self._store.layers)
+        self._records: dict[str, LayerRecord] = dict(self._store.layers) if self._store is not None else {}
         self._gram_methods: dict[str, tuple[str, ...]] = {n: tuple(r.gram) for n, r in self._records.items()}
-        self._next_raw_row = {n: self._store.raw_next_row(n) for n in self._store._raw}
+        self._next_raw_row = (
+            {n: self._store.raw_next_row(n) for n in self._store._raw} if self._store is not None else {}
+        )
         self._seen: dict[tuple[str, str], int] = {}
         self._calls: list[tuple[int, ...]] = []
         self._acc: dict[tuple[str, str, str], _Accumulator] = {}
@@ -275,6 +347,7 @@ class Recorder:
             for key in list(self._acc):
                 self._flush_block(key, final=True)
             self._acc.clear()
+            self._scratch = None
         calls = np.asarray(self._calls, dtype=np.int64).reshape(-1, len(CALL_COLUMNS))
         scalars = dict(self._scalars)
         counters = dict(self._counters)
@@ -298,8 +371,11 @@ class Recorder:
         if self._closed:
             return
         self._closed = True
+        self._scratch = None
         for h in self._handles:
             h.remove()
+        if self._writer is None:
+            return
         try:
             self._writer.close()
         except WriterError as exc:
@@ -329,7 +405,7 @@ class Recorder:
     def _check(self) -> None:
         if self._closed:
             raise CaptureError(f"{self.path}: the recorder is closed")
-        if self._disabled:
+        if self._disabled or self._writer is None:
             return
         try:
             self._writer.check()
@@ -345,7 +421,7 @@ class Recorder:
         raise CaptureError(f"{self.path}: {exc}") from exc
 
     def _submit(self, task: Callable[[], Any], nbytes: int, context: str) -> None:
-        if self._disabled:
+        if self._disabled or self._writer is None:
             return
         try:
             self._writer.submit(task, nbytes, context)
@@ -353,7 +429,7 @@ class Recorder:
             self._fail(exc)
 
     def _flush_writer(self) -> None:
-        if self._disabled:
+        if self._disabled or self._writer is None:
             return
         try:
             self._writer.flush()
@@ -435,10 +511,20 @@ class Recorder:
             rec = self._register(name, module, x)
         if x.dim() >= 3 and rec.layout == "conv":
             x = interpolate_maps(x, opts.interpolation, opts.downsample)
-        if tuple(x.shape[1:]) != rec.sample_shape:
+        shape = tuple(x.shape[1:])
+        if shape != rec.sample_shape and (
+            # raw rows need one shape; moments only need the matrix widths (channelwise maps of any
+            # size, last_timestep of sequences of any length)
+            self._raw
+            or any(
+                matrix_width(shape, rec.layout, m) != matrix_width(rec.sample_shape, rec.layout, m)
+                for m in self._gram_methods[name]
+            )
+        ):
             raise CaptureError(
                 f"{self.path}: layer {name!r}: output shape per sample changed from {rec.sample_shape} to "
-                f"{tuple(x.shape[1:])}; record such a layer with a separate Recorder or a reducing mode"
+                f"{shape}; record such a layer with a separate Recorder, or in mode='gram' with a reduction "
+                "whose width does not depend on it (channelwise, mean, max, median, last_timestep)"
             )
         if not self._epoch_open:
             epoch = self.epoch
@@ -484,10 +570,34 @@ class Recorder:
         nonfinite = 0
         for method in self._gram_methods[name]:
             feature_major = method == "channelwise"
-            mat = to_matrix(x, rec.layout, method, feature_major=feature_major)
-            if mat.device.type == "cpu":
-                mat = mat.numpy() if mat.dtype == torch.float64 else mat.to(torch.float64).numpy()
-            part = batch_moments(mat, feature_major=feature_major)
+            owned = False  # whether ``mat`` is a float64 buffer of ours (centred in place)
+            if (
+                feature_major
+                and rec.layout == "conv"
+                and x.device.type == "cpu"
+                and self._on_batch is None
+                and (self._device is None or self._device.type == "cpu")
+            ):
+                # (C, N * spatial) float64 in one pass (transpose + cast) into a reused buffer:
+                # the same numbers as to_matrix(...).to(float64), without the float32 copy and
+                # the page faults of a fresh buffer per call.
+                mat, owned = self._channelwise_float64(x), True
+            else:
+                mat = to_matrix(x, rec.layout, method, feature_major=feature_major)
+                if self._on_batch is not None:
+                    self._on_batch(phase, name, method, mat.T if feature_major else mat)
+                if self._device is not None and mat.device != self._device:
+                    mat = mat.to(self._device)
+                if mat.device.type == "cpu":
+                    owned = mat.dtype != torch.float64
+                    mat = mat.numpy() if mat.dtype == torch.float64 else mat.to(torch.float64).numpy()
+            if isinstance(mat, np.ndarray):
+                # One BLAS thread: a threaded BLAS pool next to torch's own pool steals the
+                # training's cores (its threads spin after each product); see bench/README.md.
+                with _one_blas_thread():
+                    part = batch_moments(mat, feature_major=feature_major, overwrite=owned)
+            else:
+                part = batch_moments(mat, feature_major=feature_major)
             mean = part[1]
             finite = np.isfinite(mean).all() if isinstance(mean, np.ndarray) else torch.isfinite(mean).all()
             if not bool(finite):
@@ -499,7 +609,11 @@ class Recorder:
                 acc = self._acc[key] = _Accumulator()
             if acc.moments is None:
                 acc.first_call = call
-            acc.moments = part if acc.moments is None else merge_moments(acc.moments, part)
+                acc.moments = part
+            else:
+                # In place once the accumulator owns its arrays (not those of ``acc.last``).
+                shared = acc.last is not None and acc.moments[2] is acc.last[0][2]
+                acc.moments = merge_moments(acc.moments, part, inplace=not shared)
             acc.last_call = call
             acc.sample_rows += int(x.shape[0])
             acc.nonfinite_rows += nonfinite
@@ -509,6 +623,19 @@ class Recorder:
             if acc.sample_rows >= opts.gram_block_rows:
                 self._flush_block((phase, name, method), final=False)
         return nonfinite
+
+    def _channelwise_float64(self, x: torch.Tensor) -> np.ndarray:
+        """The channelwise matrix of a CPU conv output, feature major, float64, in a reused buffer."""
+        n, c = int(x.shape[0]), int(x.shape[1])
+        spatial = int(np.prod(x.shape[2:], dtype=np.int64))
+        size = c * n * spatial
+        buf = getattr(self, "_scratch", None)
+        if buf is None or buf.numel() < size:
+            buf = self._scratch = None  # free the old one first
+            buf = self._scratch = torch.empty(size, dtype=torch.float64)
+        out = buf[:size].view(c, n, spatial)
+        out.copy_(x.reshape(n, c, spatial).transpose(0, 1))
+        return out.numpy().reshape(c, n * spatial)
 
     def _flush_block(self, key: tuple[str, str, str], final: bool) -> None:
         phase, name, method = key
@@ -532,6 +659,10 @@ class Recorder:
             (n, mean, m2), call, rows, nonfinite = acc.last
             info = (epoch, p, BLOCK_KIND_LAST_CALL, call, call, rows, nonfinite)
             blocks.append((info, n, to_numpy(mean), to_numpy(m2)))
+        if self._on_block is not None:
+            for (_, _, kind, first, last, rows, bad), n, mean, m2 in blocks:
+                block = GramBlock(epoch, phase, name, method, kind, first, last, rows, bad, n, mean, m2)
+                self._on_block(block)
         store = self._store
         nbytes = sum(b[3].nbytes for b in blocks)
 

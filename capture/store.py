@@ -250,20 +250,29 @@ def open_run(path: str | os.PathLike[str]) -> RunInfo:
         raise StoreFormatError(f"{where}: not a zarr v3 group ({exc})") from exc
     meta = check_format(root.attrs.asdict(), where)
     ranks = []
-    for name in sorted(root.group_keys()):
+    try:
+        names = sorted(root.group_keys())
+    except Exception as exc:  # noqa: BLE001 - a damaged member's metadata: say where, in one line
+        raise StoreFormatError(f"{where}: unreadable group metadata ({type(exc).__name__}: {exc})") from exc
+    for name in names:
         if not name.startswith("rank-"):
             continue
         group = root[name]
         state = group.attrs.get(ATTRS_KEY)
         if not isinstance(state, dict):
             raise StoreFormatError(f"{where}/{name}: a rank group without its {ATTRS_KEY!r} attribute")
-        layers = {d["name"]: LayerRecord.from_dict(d) for d in state["layers"]}
-        n_calls = int(state["committed"]["calls"])
-        calls = (
-            np.asarray(group["calls"][:n_calls]).reshape(n_calls, len(CALL_COLUMNS))
-            if n_calls
-            else np.zeros((0, len(CALL_COLUMNS)), dtype=np.int64)
-        )
+        try:
+            layers = {d["name"]: LayerRecord.from_dict(d) for d in state["layers"]}
+            n_calls = int(state["committed"]["calls"])
+            calls = (
+                np.asarray(group["calls"][:n_calls]).reshape(n_calls, len(CALL_COLUMNS))
+                if n_calls
+                else np.zeros((0, len(CALL_COLUMNS)), dtype=np.int64)
+            )
+        except Exception as exc:  # noqa: BLE001 - a missing or damaged calls array, a mangled state
+            raise StoreFormatError(
+                f"{where}/{name}: its state or its calls array cannot be read ({type(exc).__name__}: {exc})"
+            ) from exc
         ranks.append(RankPart(int(state["rank"]), group, state, layers, calls))
     layer_names: list[str] = []
     for part in ranks:

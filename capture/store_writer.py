@@ -219,6 +219,9 @@ class RunStoreWriter:
         This process's part of a multi-process run.
     resume, overwrite : bool
         Continue an existing store / replace it. Without either, an existing store is refused.
+    compression : str or codec, optional
+        Compression of raw outputs (default ``options.compression``; a codec object, which the
+        options only hold as its ``repr``, must be passed here).
     """
 
     def __init__(
@@ -230,9 +233,11 @@ class RunStoreWriter:
         world_size: int = 1,
         resume: bool = False,
         overwrite: bool = False,
+        compression: Any = None,
     ) -> None:
         self.path = Path(path)
         self.options = options
+        self.compression = options.compression if compression is None else compression
         self.rank = rank
         self.world_size = world_size
         gname = rank_group_name(rank)
@@ -259,25 +264,28 @@ class RunStoreWriter:
             self.root = zarr.open_group(self.path, mode="r+")
             check_format(self.root.attrs.asdict(), where)
         else:
-            self.root = zarr.open_group(self.path, mode="a")
+            meta = {
+                "format": FORMAT_NAME,
+                "format_version": FORMAT_VERSION,
+                "created": _now(),
+                "versions": package_versions(),
+                "options": options.to_dict(),
+                "world_size": world_size,
+                "model": [],
+            }
+            # Created with its attributes in one write: a process killed here never leaves a zarr
+            # group that is not recognisably a run store (it could be neither read nor resumed).
+            self.root = zarr.open_group(self.path, mode="a", attributes={ATTRS_KEY: meta})
             if ATTRS_KEY not in self.root.attrs:
-                self.root.attrs[ATTRS_KEY] = {
-                    "format": FORMAT_NAME,
-                    "format_version": FORMAT_VERSION,
-                    "created": _now(),
-                    "versions": package_versions(),
-                    "options": options.to_dict(),
-                    "world_size": world_size,
-                    "model": [],
-                }
-        if gname in self.root and resume:
+                self.root.attrs[ATTRS_KEY] = meta
+        # A rank group without its state was being created when its process died: nothing to resume.
+        if gname in self.root and resume and ATTRS_KEY in self.root[gname].attrs:
             self.group = self.root[gname]
             self.state = dict(self.group.attrs[ATTRS_KEY])
             self._roll_back()
         else:
             if gname in self.root:
                 del self.root[gname]
-            self.group = self.root.create_group(gname)
             self.state = {
                 "rank": rank,
                 "world_size": world_size,
@@ -290,7 +298,8 @@ class RunStoreWriter:
                 "call_counters": {},
                 "updated": _now(),
             }
-            self.group.attrs[ATTRS_KEY] = self.state
+            # With its state in the same write (see the root group above).
+            self.group = self.root.create_group(gname, attributes={ATTRS_KEY: self.state})
         self.layers: dict[str, LayerRecord] = {
             d["name"]: LayerRecord.from_dict(d) for d in self.state["layers"]
         }
@@ -321,7 +330,9 @@ class RunStoreWriter:
         n_layers = committed.get("layers")
         if n_layers is None:  # a store written before ``committed.layers`` existed
             n_calls = int(committed["calls"])
-            seen = np.asarray(self.group["calls"][:n_calls])[:, CALL_COLUMNS.index("layer")] if n_calls else []
+            seen = (
+                np.asarray(self.group["calls"][:n_calls])[:, CALL_COLUMNS.index("layer")] if n_calls else []
+            )
             n_layers = int(max(seen, default=-1)) + 1
         self.state["layers"] = [d for d in self.state["layers"] if int(d["index"]) < int(n_layers)]
         records = {d["name"]: d for d in self.state["layers"]}
@@ -375,7 +386,7 @@ class RunStoreWriter:
                 chunks=(chunk_rows, *rec.sample_shape),
                 dtype=np_dtype,
                 fill_value=0,
-                compressors=make_compressors(self.options.compression, np_dtype.itemsize),
+                compressors=make_compressors(self.compression, np_dtype.itemsize),
                 dimension_names=dims,
                 attributes={"stored_dtype": raw_dtype, "layer": rec.name},
                 config=_ARRAY_CONFIG,
