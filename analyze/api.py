@@ -38,7 +38,7 @@ from analyze.stats import (
     pca_embed,
     spectrum_of,
 )
-from capture.format import PHASES
+from capture.format import PHASES, LayerRecord
 from capture.reshape import (
     check_conv_method,
     check_interpolation,
@@ -49,7 +49,6 @@ from capture.reshape import (
     to_matrix,
 )
 from capture.store import RunInfo, decode_stored, open_run
-from capture.store_writer import LayerRecord
 
 __all__ = ["AnalysisError", "analyze_runs", "run_stats", "inspect_run", "parse_epochs", "MAX_WIDTH"]
 

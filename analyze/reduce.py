@@ -107,15 +107,61 @@ def _merge_dicts(a: dict[Any, Partial], b: dict[Any, Partial]) -> dict[Any, Part
     return out
 
 
-def _tree_over_positions(leaves: dict[int, dict[Any, Partial]], lo: int, hi: int) -> dict[Any, Partial]:
-    """Merge ``leaves`` (position -> partials) over the aligned binary tree on ``[lo, hi)``."""
+def _merge_owned(a: Partial, b: Partial, scratch: dict[Any, np.ndarray]) -> Partial:
+    """:func:`merge_partials` of two non-empty partials, bit for bit, written into ``a``'s m2.
+
+    For the merges inside a task, whose partials the task made itself and nobody else holds: a
+    fresh d x d result and temporary page-fault on every merge (half its cost for d = 1024).
+    """
+    na, ma, sa, fa = a
+    nb, mb, sb, fb = b
+    if not (
+        na
+        and nb
+        and isinstance(sa, np.ndarray)
+        and isinstance(sb, np.ndarray)
+        and sa.dtype == sb.dtype == np.float64
+        and sa.shape == sb.shape
+        and sa.ndim == 2
+        and sa.flags.writeable
+    ):
+        return merge_partials(a, b)
+    # The operations of capture.moments.merge_moments, in its order.
+    n = na + nb
+    delta = mb - ma
+    mean = ma + delta * (nb / n)
+    outer = scratch.get(("outer", sa.shape))
+    if outer is None:
+        outer = scratch[("outer", sa.shape)] = np.empty(sa.shape, dtype=np.float64)
+    np.multiply(delta[:, None], delta[None, :], out=outer)
+    outer *= na * nb / n
+    sa += sb
+    sa += outer
+    return n, mean, sa, fa + fb
+
+
+def _tree_over_positions(
+    leaves: dict[int, dict[Any, Partial]], lo: int, hi: int, scratch: dict[Any, np.ndarray] | None = None
+) -> dict[Any, Partial]:
+    """Merge ``leaves`` (position -> partials) over the aligned binary tree on ``[lo, hi)``.
+
+    With ``scratch`` the leaves' arrays are merged in place (they must belong to the caller).
+    """
     present = [p for p in leaves if lo <= p < hi]
     if not present:
         return {}
     if hi - lo == 1:
         return leaves[lo]
     mid = (lo + hi) // 2
-    return _merge_dicts(_tree_over_positions(leaves, lo, mid), _tree_over_positions(leaves, mid, hi))
+    left = _tree_over_positions(leaves, lo, mid, scratch)
+    right = _tree_over_positions(leaves, mid, hi, scratch)
+    if scratch is None:
+        return _merge_dicts(left, right)
+    out = dict(left)
+    for key, value in right.items():
+        mine = out.get(key)
+        out[key] = value if mine is None else _merge_owned(mine, value, scratch)
+    return out
 
 
 def _matrix_moments(
@@ -358,7 +404,7 @@ def _reduce_chunk_range(
                     leaf[(group, method)] = _matrix_moments(x, src.layout, method, src, scratch)
     chunk_reads["tasks"] += 1
     chunk_reads["rows"] += stop - start
-    return _tree_over_positions(leaves, chunk_lo, chunk_hi)
+    return _tree_over_positions(leaves, chunk_lo, chunk_hi, scratch)
 
 
 def raw_reduction_graph(

@@ -29,6 +29,7 @@ __all__ = [
     "raw_path",
     "gram_path",
     "check_format",
+    "LayerRecord",
 ]
 
 FORMAT_NAME = "delve-pipeline.run"
@@ -125,3 +126,51 @@ def check_format(attrs: dict[str, Any], where: str) -> dict[str, Any]:
             f"(version {FORMAT_VERSION}); upgrade delve-pipeline"
         )
     return meta
+
+
+@dataclass
+class LayerRecord:
+    """What the store says about one recorded layer (an entry of the ``layers`` attribute)."""
+
+    name: str
+    index: int
+    type: str
+    kind: str
+    layout: str
+    sample_shape: tuple[int, ...]
+    source_dtype: str
+    stored_dtype: str | None = None
+    raw_array: str | None = None
+    chunk_rows: int | None = None
+    gram: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "index": self.index,
+            "type": self.type,
+            "kind": self.kind,
+            "layout": self.layout,
+            "sample_shape": list(self.sample_shape),
+            "source_dtype": self.source_dtype,
+            "stored_dtype": self.stored_dtype,
+            "raw_array": self.raw_array,
+            "chunk_rows": self.chunk_rows,
+            "gram": self.gram,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LayerRecord:
+        return cls(
+            name=d["name"],
+            index=int(d["index"]),
+            type=d["type"],
+            kind=d["kind"],
+            layout=d["layout"],
+            sample_shape=tuple(d["sample_shape"]),
+            source_dtype=d["source_dtype"],
+            stored_dtype=d.get("stored_dtype"),
+            raw_array=d.get("raw_array"),
+            chunk_rows=d.get("chunk_rows"),
+            gram=dict(d.get("gram") or {}),
+        )

@@ -21,10 +21,10 @@ from capture.format import (
     CALL_COLUMNS,
     PHASES,
     CaptureOptions,
+    LayerRecord,
     StoreFormatError,
     check_format,
 )
-from capture.store_writer import LayerRecord
 
 __all__ = ["open_run", "RunInfo", "RankPart", "RawArray", "GramBlocks", "decode_stored"]
 
