@@ -78,6 +78,15 @@ def conv_dims(ndim: int) -> tuple[str, ...]:
     return ("sample", "channel", *spatial)
 
 
+def _writable(array: zarr.Array) -> zarr.Array:
+    """The array with this format's write settings: every chunk is written, even an all-zero one.
+
+    A chunk that holds committed rows then always has a file, so a missing file is damage,
+    not a run of zeros (readers check this).
+    """
+    return array.with_config(_ARRAY_CONFIG)
+
+
 def _safe(name: str) -> str:
     return name.replace("/", "%2F")
 
@@ -281,13 +290,13 @@ class RunStoreWriter:
         for rec in self.layers.values():
             if rec.raw_array:
                 self._raw[rec.name] = _RawSink(
-                    self.group[rec.raw_array], int(committed["raw_rows"][rec.name])
+                    _writable(self.group[rec.raw_array]), int(committed["raw_rows"][rec.name])
                 )
             for method, info in rec.gram.items():
                 key = f"{rec.name}/{method}"
                 blocks = int(committed["gram_blocks"].get(key, 0))
                 self._gram[key] = {
-                    part: _GrowingArray(self.group[f"{info['path']}/{part}"], blocks)
+                    part: _GrowingArray(_writable(self.group[f"{info['path']}/{part}"]), blocks)
                     for part in ("count", "mean", "m2", "info")
                 }
 
@@ -325,7 +334,7 @@ class RunStoreWriter:
     # -- creation ------------------------------------------------------------------------------
     def _open_calls(self, committed: int) -> _GrowingArray:
         if "calls" in self.group:
-            return _GrowingArray(self.group["calls"], committed)
+            return _GrowingArray(_writable(self.group["calls"]), committed)
         arr = self.group.create_array(
             "calls",
             shape=(0, len(CALL_COLUMNS)),
@@ -366,7 +375,7 @@ class RunStoreWriter:
             rec.raw_array = path
             rec.stored_dtype = raw_dtype
             rec.chunk_rows = chunk_rows
-            self._raw[rec.name] = _RawSink(self.group[path], 0)
+            self._raw[rec.name] = _RawSink(_writable(self.group[path]), 0)
         for method, width in gram_widths.items():
             gpath = f"{base}/gram/{method}"
             arrays = {
