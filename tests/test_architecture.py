@@ -39,7 +39,7 @@ def test_capture_imports_no_analysis_and_no_heavy_libraries() -> None:
 
 
 def test_importing_capture_loads_nothing_heavy() -> None:
-    code = "import sys, capture; print(','.join(m for m in %r if m in sys.modules))" % (HEAVY,)
+    code = f"import sys, capture; print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "", f"import capture loaded: {out}"
 
