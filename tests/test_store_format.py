@@ -1,0 +1,84 @@
+"""The store on disk is what docs/store-format.md says it is, and xarray can read it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from capture import FORMAT_NAME, FORMAT_VERSION, Recorder, StoreFormatError, open_run
+from capture.format import ATTRS_KEY, BLOCK_COLUMNS, CALL_COLUMNS
+
+DOC = (Path(__file__).resolve().parents[1] / "docs" / "store-format.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list[torch.Tensor]]]:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 6))
+    seen: dict[str, list[torch.Tensor]] = {"0": [], "3": []}
+    net[0].register_forward_hook(lambda m, i, o: seen["0"].append(o.detach().clone()))
+    net[3].register_forward_hook(lambda m, i, o: seen["3"].append(o.detach().clone()))
+    path = tmp_path_factory.mktemp("fmt") / "run.zarr"
+    with Recorder(net, path, mode="both") as rec:
+        for epoch in range(2):
+            net(torch.randn(10, 1, 4, 4))
+            rec.add_scalar("epoch", epoch)
+            rec.end_epoch()
+    return path, seen
+
+
+def test_root_and_rank_attributes_are_the_documented_ones(store: tuple[Path, dict]) -> None:
+    path, _ = store
+    root = json.loads((path / "zarr.json").read_text())["attributes"][ATTRS_KEY]
+    assert root["format"] == FORMAT_NAME and root["format_version"] == FORMAT_VERSION == 1
+    for key in root:
+        assert f"`{key}`" in DOC, f"root attribute {key!r} is not documented"
+    rank = json.loads((path / "rank-00000" / "zarr.json").read_text())["attributes"][ATTRS_KEY]
+    for key in rank:
+        assert f"`{key}`" in DOC, f"rank attribute {key!r} is not documented"
+    for column in (*CALL_COLUMNS, *BLOCK_COLUMNS):
+        assert f"`{column}`" in DOC, f"column {column!r} is not documented"
+    assert rank["committed"]["raw_rows"] == {"0": 20, "3": 20}
+    assert rank["epochs_complete"] == [0, 1] and rank["epoch_open"] is None
+
+
+def test_layout_paths_are_the_documented_ones(store: tuple[Path, dict]) -> None:
+    path, _ = store
+    assert (path / "rank-00000" / "calls" / "zarr.json").exists()
+    assert (path / "rank-00000" / "layers" / "0" / "raw" / "zarr.json").exists()
+    for part in ("count", "mean", "m2", "info"):
+        assert (path / "rank-00000" / "layers" / "0" / "gram" / "channelwise" / part / "zarr.json").exists()
+    assert (path / "rank-00000" / "layers" / "3" / "gram" / "none" / "m2" / "zarr.json").exists()
+
+
+def test_xarray_reads_raw_outputs_with_dimension_names(store: tuple[Path, dict]) -> None:
+    xr = pytest.importorskip("xarray")
+    path, seen = store
+    conv = xr.open_zarr(path, group="rank-00000/layers/0", consolidated=False)
+    assert conv.raw.dims == ("sample", "channel", "height", "width")
+    np.testing.assert_array_equal(conv.raw.values, torch.cat(seen["0"]).numpy())
+    linear = xr.open_zarr(path, group="rank-00000/layers/3", consolidated=False)
+    assert linear.raw.dims == ("sample", "feature")
+    np.testing.assert_array_equal(linear.raw.values, torch.cat(seen["3"]).numpy())
+
+
+def test_newer_version_and_foreign_stores_are_refused(store: tuple[Path, dict], tmp_path: Path) -> None:
+    path, _ = store
+    import shutil
+
+    copy = tmp_path / "newer.zarr"
+    shutil.copytree(path, copy)
+    meta = json.loads((copy / "zarr.json").read_text())
+    meta["attributes"][ATTRS_KEY]["format_version"] = FORMAT_VERSION + 1
+    (copy / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreFormatError, match="newer"):
+        open_run(copy)
+    meta["attributes"][ATTRS_KEY]["format"] = "something-else"
+    (copy / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreFormatError, match="not a delve-pipeline run store"):
+        open_run(copy)
