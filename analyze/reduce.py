@@ -162,13 +162,35 @@ def _tree_over_positions(
     return out
 
 
-def _scratch_array(scratch: dict[str, np.ndarray], key: str, shape: tuple[int, ...]) -> np.ndarray:
-    """A C-contiguous float64 array of ``shape`` from the task's reusable buffer ``key``."""
-    size = int(np.prod(shape))
+_scratch_local = threading.local()
+#: Largest buffer a thread keeps from one task to the next.
+_SCRATCH_KEEP = 32 * 2**20
+
+
+def _thread_scratch() -> dict[str, np.ndarray]:
+    """This thread's reusable buffers, kept between tasks (a few per thread, each <= 32 MiB).
+
+    A fresh large buffer page-faults on every use: glibc gives it back to the system when it is
+    freed, and one kept for the whole task is freed at the task's end.
+    """
+    buffers = getattr(_scratch_local, "buffers", None)
+    if buffers is None:
+        buffers = _scratch_local.buffers = {}
+    return buffers
+
+
+def _scratch_array(
+    scratch: dict[str, np.ndarray], key: str, shape: tuple[int, ...], dtype: Any = np.float64
+) -> np.ndarray:
+    """A C-contiguous array of ``shape`` in the reusable buffer ``key`` (its values are garbage)."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    if nbytes > _SCRATCH_KEEP:
+        return np.empty(shape, dtype=dtype)
     buf = scratch.get(key)
-    if buf is None or buf.size < size:
-        buf = scratch[key] = np.empty(size, dtype=np.float64)
-    return buf[:size].reshape(shape)
+    if buf is None or buf.size < nbytes:
+        buf = scratch[key] = np.empty(nbytes, dtype=np.uint8)
+    return buf[:nbytes].view(dtype).reshape(shape)
 
 
 def _batch_moments(
@@ -193,8 +215,7 @@ def _matrix_moments(
 ) -> Partial:
     """Float64 moments of the matrix of ``x`` (rows of one group in one chunk).
 
-    ``scratch`` (one per task) keeps the float64 buffer of the centring from one chunk to the
-    next: a fresh one page-faults on every chunk (a fifth of a 1024-wide chunk's time).
+    ``scratch`` (:func:`_thread_scratch`) holds the float64 buffer of the centring.
     """
     if x.dtype == np.float16:
         # torch keeps float16 through mean / interpolate: work in float32, as for float32 and bfloat16 stores
@@ -242,22 +263,41 @@ _blas_users = 0
 _blas_limiter: Any = None
 
 
+def _release_blas_control() -> None:
+    """Let the next thread that sets OpenBLAS's (process-wide) thread count do so.
+
+    threadpoolctl >= 3.6 lets only the first thread that sets the count change it; the others
+    are ignored silently, until that thread leaves a ``with threadpool_limits`` block. The tasks
+    of a process take turns under ``_blas_lock``, so whichever of them starts the limit or ends
+    it must be heard.
+    """
+    try:
+        from threadpoolctl import OpenBLASController
+    except ImportError:  # pragma: no cover - older threadpoolctl: any thread may set it
+        return
+    clear = getattr(OpenBLASController, "clear_controlling_thread", None)
+    if clear is not None:
+        clear(force=True)
+
+
 @contextmanager
 def _one_blas_thread() -> Iterator[None]:
     """BLAS limited to one thread while any reduction task of this process runs.
 
-    The tasks are the parallelism. ``threadpool_limits`` restores on exit the limit it found on
-    entry, and the limit is process-wide: with two tasks overlapping in threads, the first to end
-    would give the other's products every core again (on a busy machine a 2-thread OpenBLAS SYRK
-    ran 20x slower than a 1-thread one). One limit shared by the running tasks (a reference
-    count) holds until the last one ends.
+    The tasks are the parallelism. The limit is process-wide and ``threadpool_limits`` restores
+    on exit what it found on entry: with two tasks overlapping in threads, the first to end would
+    give the other's products every core again (on a busy machine a 2-thread OpenBLAS SYRK ran
+    20x slower than a 1-thread one). One limit shared by the running tasks (a reference count)
+    holds until the last one ends; the last one restores it, from whichever thread.
     """
     from threadpoolctl import threadpool_limits
 
     global _blas_users, _blas_limiter
     with _blas_lock:
         if _blas_users == 0:
+            _release_blas_control()
             _blas_limiter = threadpool_limits(limits=1, user_api="blas")
+            _release_blas_control()
         _blas_users += 1
     try:
         yield
@@ -266,7 +306,9 @@ def _one_blas_thread() -> Iterator[None]:
             _blas_users -= 1
             if _blas_users == 0:
                 limiter, _blas_limiter = _blas_limiter, None
+                _release_blas_control()
                 limiter.restore_original_limits()
+                _release_blas_control()
 
 
 def _plain_chunk_files(src: RawSource) -> dict[str, Any] | None:
@@ -321,10 +363,12 @@ def _plain_chunk_files(src: RawSource) -> dict[str, Any] | None:
     }
 
 
-def _read_chunk_file(plan: dict[str, Any], chunk: int, out: np.ndarray, frame: bytearray) -> None:
+def _read_chunk_file(
+    plan: dict[str, Any], chunk: int, out: np.ndarray, scratch: dict[str, np.ndarray] | None = None
+) -> None:
     """Decode store chunk ``chunk`` into ``out`` (the whole chunk, C-contiguous), as zarr would.
 
-    ``frame`` holds a compressed chunk's bytes (grown as needed, reused from chunk to chunk).
+    A compressed chunk's bytes are read into the reusable buffer ``frame`` of ``scratch``.
     """
     path = os.path.join(plan["folder"], f"{plan['prefix']}{chunk}{plan['suffix']}")
     try:
@@ -338,9 +382,12 @@ def _read_chunk_file(plan: dict[str, Any], chunk: int, out: np.ndarray, frame: b
             if size != out.nbytes or f.readinto(memoryview(out).cast("B")) != out.nbytes:
                 raise ValueError(f"chunk file {path} holds {size} bytes, not {out.nbytes}")
             return
-        if len(frame) < size:
-            frame.extend(bytes(size - len(frame)))
-        with memoryview(frame) as whole, whole[:size] as raw:
+        frame = (
+            np.empty(size, np.uint8)
+            if scratch is None
+            else _scratch_array(scratch, "frame", (size,), np.uint8)
+        )
+        with memoryview(frame) as raw:
             if f.readinto(raw) != size:
                 raise ValueError(f"chunk file {path}: short read")
             _decode_blosc(path, raw, out)
@@ -360,7 +407,9 @@ def _decode_blosc(path: str, raw: memoryview, out: np.ndarray) -> None:
     blosc.decompress(raw, out)
 
 
-def _chunks_of(src: RawSource, chunk_lo: int, chunk_hi: int) -> Iterator[tuple[int, int, np.ndarray]]:
+def _chunks_of(
+    src: RawSource, chunk_lo: int, chunk_hi: int, scratch: dict[str, np.ndarray] | None = None
+) -> Iterator[tuple[int, int, np.ndarray]]:
     """``(chunk, first row, decoded rows)`` of each store chunk in ``[chunk_lo, chunk_hi)`` with rows.
 
     Chunk files of a plain local array are decoded one at a time into one chunk-sized buffer (the
@@ -378,13 +427,17 @@ def _chunks_of(src: RawSource, chunk_lo: int, chunk_hi: int) -> Iterator[tuple[i
             if c1 > c0:
                 yield chunk, c0, data[c0 - start : c1 - start]
         return
-    buffer = np.empty((r, *plan["row_shape"]), dtype=plan["dtype"])
-    frame = bytearray()
+    shape = (r, *plan["row_shape"])
+    buffer = (
+        np.empty(shape, plan["dtype"])
+        if scratch is None
+        else _scratch_array(scratch, "chunk", shape, plan["dtype"])
+    )
     for chunk in range(chunk_lo, chunk_hi):
         c0, c1 = chunk * r, min((chunk + 1) * r, src.rows)
         if c1 <= c0:
             break
-        _read_chunk_file(plan, chunk, buffer, frame)
+        _read_chunk_file(plan, chunk, buffer, scratch)
         yield chunk, c0, decode_stored(buffer[: c1 - c0], src.stored_dtype)
 
 
@@ -400,8 +453,8 @@ def _reduce_chunk_range(
     start, stop = chunk_lo * r, min(chunk_hi * r, src.rows)
     epochs = sorted({g[0] for g in groups if isinstance(g, tuple)})
     leaves: dict[int, dict[Any, Partial]] = {}
-    scratch: dict[str, np.ndarray] = {}
-    chunks = _chunks_of(src, chunk_lo, chunk_hi)
+    scratch = _thread_scratch()
+    chunks = _chunks_of(src, chunk_lo, chunk_hi, scratch)
     with _one_blas_thread():
         while True:
             try:
