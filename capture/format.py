@@ -78,13 +78,13 @@ class CaptureOptions:
     dtype: str = "float32"
     interpolation: str | None = None
     downsample: int | None = None
-    compression: str = "lz4"
+    compression: str = "none"
     conv_methods: tuple[str, ...] = ("channelwise",)
     timeseries_methods: tuple[str, ...] = ("last_timestep",)
     log_interval: int = 1
     max_samples: int | None = None
     gram_block_rows: int = 65536
-    chunk_bytes: int = 4 * 2**20
+    chunk_bytes: int = 16 * 2**20
     layers: tuple[str, ...] = field(default_factory=tuple)
 
     def to_dict(self) -> dict[str, Any]:

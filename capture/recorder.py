@@ -133,8 +133,10 @@ class Recorder:
     interpolation, downsample :
         Resize conv maps larger than ``downsample`` to ``downsample`` with this
         ``torch.nn.functional.interpolate`` mode before anything is recorded (delve's rule).
-    compression : {"lz4", "zstd", "none"} or codec
-        Compression of raw outputs (Blosc level 1 with byte shuffle by default).
+    compression : {"none", "lz4", "zstd"} or codec
+        Compression of raw outputs; ``lz4`` and ``zstd`` are Blosc level 1 with byte shuffle. None
+        by default: layer outputs barely compress (lz4 ratio 1.0-1.16) and lz4 cost 2-3x the write
+        time (bench/README.md).
     conv_methods, timeseries_methods : sequence of str
         The reductions whose moments ``gram`` mode keeps.
     log_interval : int
@@ -145,7 +147,8 @@ class Recorder:
     gram_block_rows : int
         Flush the moments of a (phase, layer) as a block after this many samples.
     chunk_bytes : int
-        Target size of a raw chunk.
+        Target size of a raw chunk (one file each; 16 MiB by default: fewer, larger files write
+        faster, and the analysis reads chunks of up to 16 MiB at full speed).
     max_queue_bytes : int
         Memory that may wait for the writer; the training loop waits beyond it.
     resume, overwrite : bool
@@ -190,13 +193,13 @@ class Recorder:
         dtype: str = "float32",
         interpolation: str | None = None,
         downsample: int | None = None,
-        compression: Any = "lz4",
+        compression: Any = "none",
         conv_methods: Iterable[str] = ("channelwise",),
         timeseries_methods: Iterable[str] = ("last_timestep",),
         log_interval: int = 1,
         max_samples: int | None = None,
         gram_block_rows: int = 65536,
-        chunk_bytes: int = 4 * 2**20,
+        chunk_bytes: int = 16 * 2**20,
         max_queue_bytes: int = 256 * 2**20,
         resume: bool = False,
         overwrite: bool = False,
@@ -299,6 +302,7 @@ class Recorder:
         self._seen: dict[tuple[str, str], int] = {}
         self._calls: list[tuple[int, ...]] = []
         self._acc: dict[tuple[str, str, str], _Accumulator] = {}
+        self._raw_pools: dict[str, list[torch.Tensor]] = {}  # cast buffers the writer is done with
         self._scalars: dict[str, Any] = {}
         self._epoch_open = False
         self._recording = True
@@ -348,6 +352,7 @@ class Recorder:
                 self._flush_block(key, final=True)
             self._acc.clear()
             self._scratch = None
+        self._raw_pools.clear()
         calls = np.asarray(self._calls, dtype=np.int64).reshape(-1, len(CALL_COLUMNS))
         scalars = dict(self._scalars)
         counters = dict(self._counters)
@@ -372,6 +377,7 @@ class Recorder:
             return
         self._closed = True
         self._scratch = None
+        self._raw_pools.clear()
         for h in self._handles:
             h.remove()
         if self._writer is None:
@@ -542,6 +548,7 @@ class Recorder:
 
     def _queue_raw(self, name: str, x: torch.Tensor) -> None:
         target = _TORCH_DTYPES[self.options.dtype]
+        pool: list[torch.Tensor] | None = None
         if x.is_cuda:
             converted = x.to(target)
             host = torch.empty(converted.shape, dtype=target, pin_memory=True)
@@ -549,7 +556,22 @@ class Recorder:
             event = torch.cuda.Event()
             event.record()
         else:
-            host = x.to(target, copy=True)
+            # Cast into a buffer the writer has finished with: a fresh one page-faults on every
+            # call (a copy into a reused buffer took a third of the time, bench/README.md).
+            pool = self._raw_pools.setdefault(name, [])
+            host = pool.pop() if pool else None
+            if host is None or host.shape != x.shape or host.dtype != target:
+                host = torch.empty(x.shape, dtype=target)
+            # On this thread alone: a parallel copy leaves torch's OpenMP workers spinning on the
+            # core the background writer needs (twice the write speed with hooks back to back).
+            threads = torch.get_num_threads()
+            if threads > 1:
+                torch.set_num_threads(1)
+            try:
+                host.copy_(x)
+            finally:
+                if threads > 1:
+                    torch.set_num_threads(threads)
             event = None
         nbytes = host.numel() * host.element_size()
         store = self._store
@@ -561,7 +583,9 @@ class Recorder:
                 arr = host.view(torch.int16).numpy().view(np.uint16)
             else:
                 arr = host.numpy()
-            store.write_raw(name, arr)
+            store.write_raw(name, arr)  # the store keeps no reference to ``arr`` once it returns
+            if pool is not None and len(pool) < 2:
+                pool.append(host)
 
         self._submit(task, nbytes, f"layer {name!r}: raw write")
 

@@ -79,7 +79,8 @@ def capture(
     """A deterministic run: per epoch four training batches and one evaluation batch of 8 samples."""
     torch.manual_seed(0)
     net = Net()
-    with Recorder(net, path, mode="both", chunk_bytes=512, gram_block_rows=16) as rec:
+    # lz4: a garbage raw chunk is then detectable (a Blosc frame); uncompressed zeros would be valid data
+    with Recorder(net, path, mode="both", chunk_bytes=512, gram_block_rows=16, compression="lz4") as rec:
         for epoch in range(epochs):
             g = torch.Generator().manual_seed(epoch)
             net.train()

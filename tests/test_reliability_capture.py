@@ -516,7 +516,7 @@ def exploding_codec(monkeypatch: pytest.MonkeyPatch) -> dict[str, float]:
 def test_codec_failure_raises_at_the_next_call(tmp_path: Path, exploding_codec: dict[str, float]) -> None:
     path = str(tmp_path / "run.zarr")
     net = SmallNet()
-    rec = Recorder(net, path, chunk_bytes=256)
+    rec = Recorder(net, path, chunk_bytes=256, compression="lz4")  # a Blosc codec, which explodes
     with pytest.raises(CaptureError, match=r"layer '(conv|fc)'.*codec exploded") as info:
         for epoch in range(3):
             for x in _batches(epoch):
@@ -536,7 +536,7 @@ def test_writer_failure_after_the_last_call_is_reported_by_close(
     exploding_codec["delay"] = 0.3
     path = str(tmp_path / "run.zarr")
     net = nn.Sequential(nn.Linear(4, 3))
-    rec = Recorder(net, path, chunk_bytes=64)
+    rec = Recorder(net, path, chunk_bytes=64, compression="lz4")
     net(torch.randn(32, 4))  # whole chunks, written in the background while close() waits
     with pytest.raises(CaptureError, match="layer '0'.*codec exploded"):
         rec.close()
@@ -545,7 +545,7 @@ def test_writer_failure_after_the_last_call_is_reported_by_close(
 def test_writer_failure_warns(tmp_path: Path, exploding_codec: dict[str, float]) -> None:
     path = str(tmp_path / "run.zarr")
     net = SmallNet()
-    rec = Recorder(net, path, chunk_bytes=256, on_error="warn")
+    rec = Recorder(net, path, chunk_bytes=256, on_error="warn", compression="lz4")
     with pytest.warns(RuntimeWarning, match="capture switched off.*codec exploded"):
         for epoch in range(3):
             for x in _batches(epoch):
