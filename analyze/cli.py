@@ -148,6 +148,81 @@ def _defaulted(default: tuple[str, ...]) -> Callable[[click.Context, click.Param
     return callback
 
 
+def analysis_options(verb: str = "analyse") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The options that choose what is analysed, shared by ``stats`` and the pipelines' commands.
+
+    ``--threshold``, ``--conv-method``, ``--timeseries-method``, ``--stats``, ``--phase``,
+    ``--epochs``, ``--layers`` and ``--compat``, validated and defaulted by the same callbacks.
+    """
+    options = [
+        click.option(
+            "--threshold",
+            "thresholds",
+            multiple=True,
+            callback=_thresholds,
+            metavar="T",
+            help="Variance threshold in (0, 1] for lsat / idim; repeat for several.  [default: 0.99]",
+        ),
+        click.option(
+            "--conv-method",
+            "conv_methods",
+            multiple=True,
+            type=click.Choice(list(CONV_METHODS)),
+            callback=_defaulted(("channelwise",)),
+            help="Reduction of conv maps; repeat for several.  [default: channelwise]",
+        ),
+        click.option(
+            "--timeseries-method",
+            "timeseries_methods",
+            multiple=True,
+            type=click.Choice(list(TIMESERIES_METHODS)),
+            callback=_defaulted(("last_timestep",)),
+            help="Reduction of sequences; repeat for several.  [default: last_timestep]",
+        ),
+        click.option(
+            "--stats",
+            "stats",
+            default="lsat,idim",
+            show_default=True,
+            callback=_stats,
+            metavar="LIST",
+            help=f"Comma-separated statistics, from: {', '.join(STATS)}.",
+        ),
+        click.option(
+            "--phase",
+            "phases",
+            multiple=True,
+            type=click.Choice(list(PHASES)),
+            callback=_defaulted(tuple(PHASES)),
+            help=f"Phase to {verb}; repeat for several.  [default: all]",
+        ),
+        click.option(
+            "--epochs", default=None, metavar="SPEC", help="Epochs: 'all', 'last' / '-1', or e.g. '0,2,5-7'."
+        ),
+        click.option(
+            "--layers",
+            "layers",
+            multiple=True,
+            callback=_unique,
+            metavar="GLOB",
+            help=f"Layers to {verb} (glob pattern on layer names); repeat for several.  [default: all]",
+        ),
+        click.option(
+            "--compat",
+            type=click.Choice([s for s in SEMANTICS if s != DEFAULT_SEMANTICS]),
+            default=None,
+            help="Reproduce this release's numbers (bugs included) instead of the documented definitions.",
+        ),
+    ]
+
+    def apply(command: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
+
+
 # --------------------------------------------------------------------------- the group
 
 
@@ -181,64 +256,7 @@ def _check_runs(runs: Sequence[str]) -> None:
     type=click.Path(path_type=Path, dir_okay=True, file_okay=False),
     help="Output folder (created; an earlier output folder is replaced as a whole).",
 )
-@click.option(
-    "--threshold",
-    "thresholds",
-    multiple=True,
-    callback=_thresholds,
-    metavar="T",
-    help="Variance threshold in (0, 1] for lsat / idim; repeat for several.  [default: 0.99]",
-)
-@click.option(
-    "--conv-method",
-    "conv_methods",
-    multiple=True,
-    type=click.Choice(list(CONV_METHODS)),
-    callback=_defaulted(("channelwise",)),
-    help="Reduction of conv maps; repeat for several.  [default: channelwise]",
-)
-@click.option(
-    "--timeseries-method",
-    "timeseries_methods",
-    multiple=True,
-    type=click.Choice(list(TIMESERIES_METHODS)),
-    callback=_defaulted(("last_timestep",)),
-    help="Reduction of sequences; repeat for several.  [default: last_timestep]",
-)
-@click.option(
-    "--stats",
-    "stats",
-    default="lsat,idim",
-    show_default=True,
-    callback=_stats,
-    metavar="LIST",
-    help=f"Comma-separated statistics, from: {', '.join(STATS)}.",
-)
-@click.option(
-    "--phase",
-    "phases",
-    multiple=True,
-    type=click.Choice(list(PHASES)),
-    callback=_defaulted(tuple(PHASES)),
-    help="Phase to analyse; repeat for several.  [default: all]",
-)
-@click.option(
-    "--epochs", default=None, metavar="SPEC", help="Epochs: 'all', 'last' / '-1', or e.g. '0,2,5-7'."
-)
-@click.option(
-    "--layers",
-    "layers",
-    multiple=True,
-    callback=_unique,
-    metavar="GLOB",
-    help="Layers to analyse (glob pattern on layer names); repeat for several.  [default: all]",
-)
-@click.option(
-    "--compat",
-    type=click.Choice([s for s in SEMANTICS if s != DEFAULT_SEMANTICS]),
-    default=None,
-    help="Reproduce this release's numbers (bugs included) instead of the documented definitions.",
-)
+@analysis_options("analyse")
 @click.option(
     "--device", default="cpu", show_default=True, help="Where Gram products run: cpu, cuda or cuda:i."
 )

@@ -15,10 +15,8 @@ from typing import NoReturn
 
 import click
 
-from analyze.cli import InputError, cli, one_line
-from analyze.stats import DEFAULT_SEMANTICS, SEMANTICS, STATS
-from capture.format import PHASES, StoreFormatError
-from capture.reshape import CONV_METHODS, TIMESERIES_METHODS
+from analyze.cli import InputError, analysis_options, cli, one_line
+from capture.format import StoreFormatError
 from pipelines.demo import DEFAULT_EPOCHS
 
 __all__ = ["cli", "main", "demo_command", "sweep_command", "compare_command"]
@@ -105,19 +103,6 @@ def sweep_command(config: Path, progress: bool | None) -> None:
     click.echo(f"wrote {out}: {SWEEP_NAME} ({len(table)} rows), {len(plots)} plot(s), provenance.json")
 
 
-def _thresholds(ctx: click.Context, param: click.Parameter, values: tuple[float, ...]) -> tuple[float, ...]:
-    return tuple(dict.fromkeys(values)) or (0.99,)
-
-
-def _stats(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
-    names = tuple(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
-    unknown = [n for n in names if n not in STATS]
-    if unknown or not names:
-        what = f"unknown statistic {unknown[0]!r}" if unknown else "name at least one statistic"
-        raise click.BadParameter(f"{what}; valid: {', '.join(STATS)}", ctx, param)
-    return names
-
-
 @cli.command("compare")
 @click.argument("run_a", metavar="RUN_A")
 @click.argument("run_b", metavar="RUN_B")
@@ -128,54 +113,7 @@ def _stats(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str,
     type=click.Path(path_type=Path, file_okay=False),
     help="Output folder (absent, empty or an earlier output folder).",
 )
-@click.option(
-    "--threshold",
-    "thresholds",
-    multiple=True,
-    type=float,
-    callback=_thresholds,
-    metavar="T",
-    help="Variance threshold in (0, 1]; repeat for several.  [default: 0.99]",
-)
-@click.option(
-    "--conv-method",
-    "conv_methods",
-    multiple=True,
-    type=click.Choice(list(CONV_METHODS)),
-    help="Reduction of conv maps; repeat for several.  [default: channelwise]",
-)
-@click.option(
-    "--timeseries-method",
-    "timeseries_methods",
-    multiple=True,
-    type=click.Choice(list(TIMESERIES_METHODS)),
-    help="Reduction of sequences; repeat for several.  [default: last_timestep]",
-)
-@click.option(
-    "--stats",
-    default="lsat,idim",
-    show_default=True,
-    callback=_stats,
-    metavar="LIST",
-    help=f"Comma-separated statistics, from: {', '.join(STATS)}.",
-)
-@click.option(
-    "--phase",
-    "phases",
-    multiple=True,
-    type=click.Choice(list(PHASES)),
-    help="Phase to compare; repeat for several.  [default: all]",
-)
-@click.option(
-    "--epochs", default=None, metavar="SPEC", help="Epochs: 'all', 'last' / '-1', or e.g. '0,2,5-7'."
-)
-@click.option("--layers", multiple=True, metavar="GLOB", help="Layers to compare (glob); repeat for several.")
-@click.option(
-    "--compat",
-    type=click.Choice([s for s in SEMANTICS if s != DEFAULT_SEMANTICS]),
-    default=None,
-    help="Reproduce this release's numbers instead of the documented definitions.",
-)
+@analysis_options("compare")
 @click.option(
     "--cache-dir",
     type=click.Path(path_type=Path, file_okay=False),
@@ -216,12 +154,12 @@ def compare_command(
             plots=not no_plots,
             progress=_progress(progress),
             thresholds=thresholds,
-            conv_methods=tuple(dict.fromkeys(conv_methods)) or ("channelwise",),
-            timeseries_methods=tuple(dict.fromkeys(timeseries_methods)) or ("last_timestep",),
+            conv_methods=conv_methods,
+            timeseries_methods=timeseries_methods,
             stats=stats,
-            phases=tuple(dict.fromkeys(phases)) or tuple(PHASES),
+            phases=phases,
             epochs=epochs,
-            layers=list(dict.fromkeys(layers)) or None,
+            layers=list(layers) or None,
             compat=compat,
             cache_dir=cache_dir,
         )
