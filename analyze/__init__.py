@@ -1,15 +1,18 @@
 """Analysis stage: reduce stored runs to covariances and compute every statistic, after the fact.
 
 Public entry points: :func:`run_stats` (a tidy table), :func:`analyze_runs` (the table plus
-spectra, covariances, embeddings and diagnostics), :func:`inspect_run` and the
-statistics registry in :mod:`analyze.stats`.
+spectra, covariances, embeddings and diagnostics), :func:`inspect_run`, the options of an
+analysis (:class:`AnalysisOptions`), the output folders every command writes
+(:func:`publish_outputs`, :class:`OutputFolder`) and the statistics registry in :mod:`analyze.stats`.
 """
 
 from __future__ import annotations
 
-from analyze.api import AnalysisError, analyze_runs, inspect_run, parse_epochs, run_stats
+from analyze.api import analyze_runs, inspect_run, run_stats
+from analyze.options import AnalysisError, AnalysisOptions, parse_epochs
+from analyze.output_folder import OutputFolder, atomic_write_bytes, resolve_cache_dir
 from analyze.outputs import publish_outputs, write_outputs
-from analyze.result import TABLE_COLUMNS, AnalysisResult, LayerFailure
+from analyze.result import TABLE_COLUMNS, AnalysisResult, LayerFailure, SpectrumKey
 from analyze.selection import Selection
 from analyze.stats import SEMANTICS, STATS, Spectrum, compute_stat, compute_stats, spectrum_of
 
@@ -18,16 +21,21 @@ __all__ = [
     "STATS",
     "TABLE_COLUMNS",
     "AnalysisError",
+    "AnalysisOptions",
     "AnalysisResult",
     "LayerFailure",
+    "OutputFolder",
     "Selection",
     "Spectrum",
+    "SpectrumKey",
     "analyze_runs",
+    "atomic_write_bytes",
     "compute_stat",
     "compute_stats",
     "inspect_run",
     "parse_epochs",
     "publish_outputs",
+    "resolve_cache_dir",
     "run_stats",
     "spectrum_of",
     "write_outputs",

@@ -12,12 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from analyze.output_folder import atomic_open
 from capture.store import RunInfo
 
 __all__ = ["CovarianceCache", "run_fingerprint", "CACHE_VERSION"]
@@ -86,12 +86,5 @@ class CovarianceCache:
             return
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **{k: np.asarray(v) for k, v in entry.items()})
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_open(path) as handle:
+            np.savez(handle, **{k: np.asarray(v) for k, v in entry.items()})

@@ -1,12 +1,16 @@
-"""The ``delve-analyze`` command line: a thin shell over :mod:`analyze`.
+"""The analysis commands of ``delve-analyze`` and the pieces every command is built from.
 
 ``delve-analyze stats RUN... -o OUT`` analyses run stores and writes an output folder
 (:func:`analyze.outputs.publish_outputs`); ``delve-analyze inspect RUN`` describes a store.
 
-Valid names for ``--conv-method``, ``--timeseries-method``, ``--stats`` and ``--compat``
-come from the registries (:data:`capture.reshape.CONV_METHODS`,
-:data:`capture.reshape.TIMESERIES_METHODS`, :data:`analyze.stats.STATS`,
-:data:`analyze.stats.SEMANTICS`), so ``--help`` and error messages list them.
+The options that choose what is analysed (:func:`analysis_options`) are one click option per
+:class:`analyze.AnalysisOptions` field: click only parses them, :func:`options_from` builds the
+:class:`~analyze.AnalysisOptions` that validates them, and a refused value is reported against
+its option (``Error: Invalid value for '--threshold': ...``). Valid names come from the registries
+(:data:`capture.reshape.CONV_METHODS`, :data:`capture.reshape.TIMESERIES_METHODS`,
+:data:`analyze.stats.STATS`, :data:`analyze.stats.SEMANTICS`), so ``--help`` lists them.
+:func:`cache_options` and :func:`cache_dir_from` give every command that writes a folder the one
+cache rule (``OUT.cache``, ``--cache-dir``, ``--no-cache``).
 
 Errors
 ------
@@ -15,12 +19,12 @@ exits with status 2 and one line on stderr, ``Error: ...``, without a traceback.
 written on failure: the output folder appears (or is replaced) only once every file is
 written.
 
-Extending
----------
-:data:`cli` is a :class:`click.Group`; other packages add commands with
-``cli.add_command(...)`` (``pipelines.cli`` adds ``demo``, ``sweep`` and ``compare``). A
-command that raises :class:`InputError` or a :class:`click.UsageError` gets the same
-one-line error report.
+Assembling the command line
+---------------------------
+:func:`make_cli` builds a group from a list of commands, once. :data:`cli` (``python -m analyze``)
+is the group of :data:`ANALYSIS_COMMANDS`; ``pipelines.cli`` builds ``delve-analyze``, the same
+commands plus ``demo``, ``sweep`` and ``compare``. A command that raises :class:`InputError` or a
+:class:`click.UsageError` gets the one-line error report.
 """
 
 from __future__ import annotations
@@ -33,13 +37,31 @@ from typing import Any, NoReturn
 
 import click
 
-from analyze.stats import DEFAULT_SEMANTICS, SEMANTICS, STATS, check_stats, check_threshold
+from analyze.options import ON_ERROR, SCHEDULERS, SOURCES, AnalysisError, AnalysisOptions
+from analyze.output_folder import resolve_cache_dir
+from analyze.stats import SEMANTICS, STATS
 from capture.format import PHASES, StoreFormatError
 from capture.reshape import CONV_METHODS, INTERPOLATION_MODES, TIMESERIES_METHODS
 
-__all__ = ["cli", "main", "InputError", "SCHEDULERS"]
+__all__ = [
+    "ANALYSIS_COMMANDS",
+    "InputError",
+    "OneLineErrorGroup",
+    "analysis_options",
+    "cache_dir_from",
+    "cache_options",
+    "check_runs",
+    "cli",
+    "inspect_command",
+    "main",
+    "make_cli",
+    "one_line",
+    "options_from",
+    "progress_from",
+    "progress_option",
+    "stats_command",
+]
 
-SCHEDULERS = ("synchronous", "threads", "processes")
 _LIBRARY_ERRORS = (ValueError, KeyError, FileNotFoundError, NotADirectoryError, FileExistsError)
 
 
@@ -94,127 +116,114 @@ class OneLineErrorGroup(click.Group):
             raise self._flatten(exc) from None
 
 
-# --------------------------------------------------------------------------- option callbacks
+# --------------------------------------------------------------------------- shared options
+
+_DEFAULTS = AnalysisOptions()
 
 
-def _thresholds(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[float, ...]:
-    if not values:
-        return (0.99,)
-    out = []
-    for v in values:
-        try:
-            out.append(check_threshold(v))
-        except ValueError:
-            raise click.BadParameter(f"{v!r}: must be a number in (0, 1]", ctx, param) from None
-    if len(set(out)) != len(out):
-        raise click.BadParameter(f"duplicate thresholds {list(values)}", ctx, param)
-    return tuple(out)
+def _choices(names: Any) -> str:
+    return "[" + "|".join(names) + "]"
 
 
-def _stats(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
-    names = [n.strip() for n in value.split(",") if n.strip()]
-    try:
-        return check_stats(names)
-    except ValueError:
-        pass
-    unknown = [n for n in names if n not in STATS]
-    if unknown:
-        raise click.BadParameter(
-            f"unknown statistic {unknown[0]!r}; valid: {', '.join(STATS)}", ctx, param
-        ) from None
-    if not names:
-        raise click.BadParameter(f"name at least one statistic; valid: {', '.join(STATS)}", ctx, param)
-    raise click.BadParameter(f"duplicate statistics in {value!r}", ctx, param)
-
-
-def _scheduler(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    if value in SCHEDULERS or "://" in value:
-        return value
-    raise click.BadParameter(
-        f"{value!r} is neither one of {', '.join(SCHEDULERS)} nor a scheduler address (tcp://host:port)",
-        ctx,
-        param,
-    )
-
-
-def _unique(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(dict.fromkeys(values))
-
-
-def _defaulted(default: tuple[str, ...]) -> Callable[[click.Context, click.Parameter, tuple[str, ...]], Any]:
-    def callback(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(values)) or default
-
-    return callback
+def _default(value: Any) -> str:
+    text = ",".join(str(v) for v in value) if isinstance(value, tuple) else str(value)
+    return f"  [default: {text}]"
 
 
 def analysis_options(verb: str = "analyse") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """The options that choose what is analysed, shared by ``stats`` and the pipelines' commands.
+    """The options that choose what is analysed: one per :class:`analyze.AnalysisOptions` field.
 
-    ``--threshold``, ``--conv-method``, ``--timeseries-method``, ``--stats``, ``--phase``,
-    ``--epochs``, ``--layers`` and ``--compat``, validated and defaulted by the same callbacks.
+    Click parses them (numbers, repetitions); :func:`options_from` turns them into an
+    :class:`~analyze.AnalysisOptions`, which validates them. An option the user does not give
+    takes the :class:`~analyze.AnalysisOptions` default. ``verb`` words the help texts.
     """
     options = [
         click.option(
             "--threshold",
             "thresholds",
             multiple=True,
-            callback=_thresholds,
             metavar="T",
-            help="Variance threshold in (0, 1] for lsat / idim; repeat for several.  [default: 0.99]",
+            help="Variance threshold in (0, 1] for lsat / idim; repeat for several."
+            + _default(_DEFAULTS.thresholds),
         ),
         click.option(
             "--conv-method",
             "conv_methods",
             multiple=True,
-            type=click.Choice(list(CONV_METHODS)),
-            callback=_defaulted(("channelwise",)),
-            help="Reduction of conv maps; repeat for several.  [default: channelwise]",
+            metavar=_choices(CONV_METHODS),
+            help="Reduction of conv maps; repeat for several." + _default(_DEFAULTS.conv_methods),
         ),
         click.option(
             "--timeseries-method",
             "timeseries_methods",
             multiple=True,
-            type=click.Choice(list(TIMESERIES_METHODS)),
-            callback=_defaulted(("last_timestep",)),
-            help="Reduction of sequences; repeat for several.  [default: last_timestep]",
+            metavar=_choices(TIMESERIES_METHODS),
+            help="Reduction of sequences; repeat for several." + _default(_DEFAULTS.timeseries_methods),
         ),
         click.option(
             "--stats",
             "stats",
-            default="lsat,idim",
-            show_default=True,
-            callback=_stats,
             metavar="LIST",
-            help=f"Comma-separated statistics, from: {', '.join(STATS)}.",
+            help=f"Comma-separated statistics, from: {', '.join(STATS)}." + _default(_DEFAULTS.stats),
         ),
         click.option(
             "--phase",
             "phases",
             multiple=True,
-            type=click.Choice(list(PHASES)),
-            callback=_defaulted(tuple(PHASES)),
+            metavar=_choices(PHASES),
             help=f"Phase to {verb}; repeat for several.  [default: all]",
         ),
-        click.option(
-            "--epochs", default=None, metavar="SPEC", help="Epochs: 'all', 'last' / '-1', or e.g. '0,2,5-7'."
-        ),
+        click.option("--epochs", metavar="SPEC", help="Epochs: 'all', 'last' / '-1', or e.g. '0,2,5-7'."),
         click.option(
             "--layers",
             "layers",
             multiple=True,
-            callback=_unique,
             metavar="GLOB",
             help=f"Layers to {verb} (glob pattern on layer names); repeat for several.  [default: all]",
         ),
         click.option(
             "--compat",
-            type=click.Choice([s for s in SEMANTICS if s != DEFAULT_SEMANTICS]),
-            default=None,
+            metavar=_choices(SEMANTICS),
             help="Reproduce this release's numbers (bugs included) instead of the documented definitions.",
         ),
+        click.option(
+            "--device",
+            metavar="cpu|cuda|cuda:i",
+            help="Where Gram products run." + _default(_DEFAULTS.device),
+        ),
+        click.option(
+            "--scheduler",
+            metavar="|".join(SCHEDULERS) + "|ADDRESS",
+            help="dask scheduler, or a dask.distributed scheduler address (tcp://host:port)."
+            + _default(_DEFAULTS.scheduler),
+        ),
+        click.option(
+            "--source",
+            metavar=_choices(SOURCES),
+            help="Stored data to reduce: gram moments when they serve the request (auto), raw outputs, or gram."
+            + _default(_DEFAULTS.source),
+        ),
+        click.option(
+            "--on-error",
+            metavar=_choices(ON_ERROR),
+            help="On a layer that cannot be analysed: stop, or skip it and report it."
+            + _default(_DEFAULTS.on_error),
+        ),
+        click.option("--log-interval", type=int, metavar="N", help="Use every N-th call of a layer."),
+        click.option(
+            "--max-samples", type=int, metavar="N", help="At most N samples per epoch, phase and layer."
+        ),
+        click.option(
+            "--interpolation",
+            metavar=_choices(INTERPOLATION_MODES),
+            help="Resize conv maps larger than --downsample with this mode (needs --downsample).",
+        ),
+        click.option("--downsample", type=int, metavar="N", help="Target size of --interpolation."),
     ]
+    return _apply(options)
 
+
+def _apply(options: list[Callable[[Any], Any]]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     def apply(command: Callable[..., Any]) -> Callable[..., Any]:
         for option in reversed(options):
             command = option(command)
@@ -223,20 +232,69 @@ def analysis_options(verb: str = "analyse") -> Callable[[Callable[..., Any]], Ca
     return apply
 
 
-# --------------------------------------------------------------------------- the group
+def options_from(ctx: click.Context, values: dict[str, Any]) -> AnalysisOptions:
+    """The :class:`~analyze.AnalysisOptions` of a command's parsed :func:`analysis_options`.
 
-
-@click.group(cls=OneLineErrorGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="delve-pipeline", prog_name="delve-analyze")
-def cli() -> None:
-    """Layer saturation of PyTorch models from captured activations.
-
-    Capture activations during training with capture.Recorder, then analyse the run
-    stores with these commands.
+    ``values`` are the command's parameters (other names are ignored); options not given keep
+    their defaults. A refused value is a :class:`click.BadParameter` naming its option.
     """
+    given = {}
+    for name in AnalysisOptions.keys():
+        value = values.get(name)
+        if value is None or value == ():
+            continue
+        if name == "stats":
+            value = tuple(n.strip() for n in value.split(",") if n.strip())
+        given[name] = value
+    try:
+        return AnalysisOptions(**given)
+    except AnalysisError as exc:
+        param = next((p for p in ctx.command.params if p.name == exc.argument), None)
+        if param is None:
+            raise click.UsageError(one_line(exc), ctx) from None
+        raise click.BadParameter(one_line(exc.reason), ctx, param) from None
 
 
-def _check_runs(runs: Sequence[str]) -> None:
+def cache_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--cache-dir`` and ``--no-cache``: the cache rule of every command that writes a folder."""
+    return _apply(
+        [
+            click.option(
+                "--cache-dir",
+                type=click.Path(path_type=Path, file_okay=False),
+                default=None,
+                help="Keep reduced covariances here; re-runs with other thresholds or statistics read no "
+                "activation.  [default: OUT.cache next to OUT]",
+            ),
+            click.option("--no-cache", is_flag=True, help="Do not read or write the covariance cache."),
+        ]
+    )(command)
+
+
+def cache_dir_from(ctx: click.Context, out: Path, cache_dir: Path | None, no_cache: bool) -> Path | None:
+    """The cache folder of a command writing ``out`` (:func:`analyze.output_folder.resolve_cache_dir`)."""
+    if no_cache and cache_dir is not None:
+        raise click.UsageError("--cache-dir and --no-cache exclude each other", ctx)
+    try:
+        return resolve_cache_dir(out, False if no_cache else (cache_dir or True))
+    except ValueError as exc:
+        param = next(p for p in ctx.command.params if p.name == "cache_dir")
+        raise click.BadParameter(one_line(exc), ctx, param) from None
+
+
+progress_option = click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Show progress bars on stderr.  [default: when stderr is a terminal]",
+)
+
+
+def progress_from(flag: bool | None) -> bool:
+    """``--progress`` / ``--no-progress``, or whether stderr is a terminal."""
+    return sys.stderr.isatty() if flag is None else flag
+
+
+def check_runs(runs: Sequence[str]) -> None:
     """Open every store's metadata first: a missing or foreign store fails before any work."""
     from capture.store import open_run
 
@@ -247,7 +305,10 @@ def _check_runs(runs: Sequence[str]) -> None:
             raise InputError(str(exc)) from None
 
 
-@cli.command("stats")
+# --------------------------------------------------------------------------- stats
+
+
+@click.command("stats")
 @click.argument("runs", nargs=-1, required=True, metavar="RUN...")
 @click.option(
     "-o",
@@ -257,92 +318,19 @@ def _check_runs(runs: Sequence[str]) -> None:
     help="Output folder (created; an earlier output folder is replaced as a whole).",
 )
 @analysis_options("analyse")
-@click.option(
-    "--device", default="cpu", show_default=True, help="Where Gram products run: cpu, cuda or cuda:i."
-)
-@click.option(
-    "--scheduler",
-    default="threads",
-    show_default=True,
-    callback=_scheduler,
-    metavar="synchronous|threads|processes|ADDRESS",
-    help="dask scheduler, or a dask.distributed scheduler address (tcp://host:port).",
-)
-@click.option(
-    "--source",
-    type=click.Choice(["auto", "raw", "gram"]),
-    default="auto",
-    show_default=True,
-    help="Stored data to reduce: gram moments when they serve the request (auto), raw outputs, or gram.",
-)
 @click.option("--no-plots", is_flag=True, help="Write the CSVs and provenance only.")
-@click.option(
-    "--on-error",
-    type=click.Choice(["raise", "skip"]),
-    default="raise",
-    show_default=True,
-    help="On a layer that cannot be analysed: stop, or skip it and report it.",
-)
-@click.option(
-    "--log-interval", type=click.IntRange(min=1), default=None, help="Use every N-th call of a layer."
-)
-@click.option(
-    "--max-samples",
-    type=click.IntRange(min=1),
-    default=None,
-    help="At most N samples per epoch, phase and layer.",
-)
-@click.option(
-    "--interpolation",
-    type=click.Choice(list(INTERPOLATION_MODES)),
-    default=None,
-    help="Resize conv maps larger than --downsample with this mode (needs --downsample).",
-)
-@click.option(
-    "--downsample",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Target size of --interpolation.",
-    metavar="N",
-)
-@click.option(
-    "--cache-dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    default=None,
-    help="Keep reduced covariances here; re-runs with other thresholds or statistics read no activation.  "
-    "[default: OUT.cache next to OUT]",
-)
-@click.option("--no-cache", is_flag=True, help="Do not read or write the covariance cache.")
-@click.option(
-    "--progress/--no-progress",
-    default=None,
-    help="Show progress bars on stderr.  [default: when stderr is a terminal]",
-)
+@cache_options
+@progress_option
 @click.pass_context
 def stats_command(
     ctx: click.Context,
     runs: tuple[str, ...],
     out: Path,
-    thresholds: tuple[float, ...],
-    conv_methods: tuple[str, ...],
-    timeseries_methods: tuple[str, ...],
-    stats: tuple[str, ...],
-    phases: tuple[str, ...],
-    epochs: str | None,
-    layers: tuple[str, ...],
-    compat: str | None,
-    device: str,
-    scheduler: str,
-    source: str,
     no_plots: bool,
-    on_error: str,
-    log_interval: int | None,
-    max_samples: int | None,
-    interpolation: str | None,
-    downsample: int | None,
     cache_dir: Path | None,
     no_cache: bool,
     progress: bool | None,
+    **analysis: Any,
 ) -> None:
     """Compute layer statistics of run stores and write them to OUT.
 
@@ -352,39 +340,19 @@ def stats_command(
     """
     from analyze.outputs import check_output_dir, publish_outputs
 
-    if (interpolation is None) != (downsample is None):
-        raise click.UsageError("--interpolation and --downsample go together", ctx)
+    options = options_from(ctx, analysis)
+    cache = cache_dir_from(ctx, out, cache_dir, no_cache)
     try:
         check_output_dir(out)
     except FileExistsError as exc:
         raise InputError(str(exc)) from None
-    _check_runs(runs)
+    check_runs(runs)
 
-    from analyze.api import analyze_runs
+    from analyze import api
     from analyze.reduce import ChunkReadError
 
     try:
-        result = analyze_runs(
-            list(runs),
-            thresholds=thresholds,
-            conv_methods=conv_methods,
-            timeseries_methods=timeseries_methods,
-            stats=stats,
-            phases=phases,
-            epochs=epochs,
-            layers=list(layers) or None,
-            compat=compat,
-            device=device,
-            scheduler=scheduler,
-            interpolation=interpolation,
-            downsample=downsample,
-            log_interval=log_interval,
-            max_samples=max_samples,
-            source=source,
-            cache_dir=None if no_cache else (cache_dir or out.parent / f"{out.name}.cache"),
-            on_error=on_error,
-            progress=sys.stderr.isatty() if progress is None else progress,
-        )
+        result = api.analyze_runs(list(runs), options, cache_dir=cache, progress=progress_from(progress))
     except _LIBRARY_ERRORS as exc:
         raise InputError(one_line(exc)) from None
     except ChunkReadError as exc:  # a damaged store: not a usage error, but no traceback either
@@ -521,12 +489,12 @@ def render_inspection(info: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-@cli.command("inspect")
+@click.command("inspect")
 @click.argument("run", metavar="RUN")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of tables.")
 def inspect_command(run: str, as_json: bool) -> None:
     """Describe a run store: layers, shapes, epochs, phases, samples, modes and size."""
-    _check_runs([run])
+    check_runs([run])
     from analyze.api import inspect_run
     from analyze.outputs import to_jsonable
 
@@ -540,8 +508,37 @@ def inspect_command(run: str, as_json: bool) -> None:
         click.echo(render_inspection(info))
 
 
+# --------------------------------------------------------------------------- the group
+
+
+def make_cli(commands: Sequence[click.Command]) -> click.Group:
+    """The ``delve-analyze`` group of ``commands``: one-line errors, ``-h``, ``--version``.
+
+    Every command line of the project is built by this factory, once, from a list of commands.
+    """
+
+    @click.group(cls=OneLineErrorGroup, context_settings={"help_option_names": ["-h", "--help"]})
+    @click.version_option(package_name="delve-pipeline", prog_name="delve-analyze")
+    def group() -> None:
+        """Layer saturation of PyTorch models from captured activations.
+
+        Capture activations during training with capture.Recorder, then analyse the run
+        stores with these commands.
+        """
+
+    for command in commands:
+        group.add_command(command)
+    return group
+
+
+#: The analysis commands (``python -m analyze`` offers these).
+ANALYSIS_COMMANDS: tuple[click.Command, ...] = (stats_command, inspect_command)
+#: ``python -m analyze``: the group of :data:`ANALYSIS_COMMANDS`.
+cli = make_cli(ANALYSIS_COMMANDS)
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
-    """Entry point of ``delve-analyze`` and ``python -m analyze``."""
+    """Entry point of ``python -m analyze`` (the analysis commands)."""
     cli.main(args=None if argv is None else list(argv), prog_name="delve-analyze")
     raise SystemExit(0)  # pragma: no cover - cli.main exits
 

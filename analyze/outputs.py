@@ -1,10 +1,10 @@
 """Files an analysis leaves behind: the tidy table, delve-format CSVs, provenance and plots.
 
-:func:`write_outputs` writes everything under one folder; :func:`publish_outputs` does the
-same through a staging folder, so that the output folder appears (or is replaced) only
-once every file is written. Every file is written atomically (a temporary file in the same
-folder, then :func:`os.replace`), so a concurrent or killed analysis never leaves a torn
-file behind.
+:func:`analysis_files` makes the files; :func:`publish_outputs` writes them through an
+:class:`analyze.output_folder.OutputFolder` (a staging folder, so that the output folder appears,
+or is replaced, only once every file is written; provenance last) and :func:`write_outputs`
+writes them in place. Every file is written atomically (a temporary file in the same folder,
+then :func:`os.replace`), so a concurrent or killed analysis never leaves a torn file behind.
 
 Layout of an output folder
 --------------------------
@@ -37,33 +37,35 @@ Layout of an output folder
 
 from __future__ import annotations
 
-import datetime as _dt
-import errno
-import hashlib
-import json
 import math
 import os
-import platform
 import re
-import shutil
-import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from analyze.output_folder import (
+    PROVENANCE_NAME,
+    OutputFolder,
+    atomic_write_bytes,
+    check_output_dir,
+    to_jsonable,
+)
 from analyze.result import TABLE_COLUMNS, AnalysisResult
 from analyze.stats import REGISTRY
 
 __all__ = [
     "DELVE_STATNAMES",
     "PROVENANCE_NAME",
+    "PROVENANCE_FORMAT",
     "STATS_NAME",
     "PLOTS_DIR",
+    "analysis_files",
+    "analysis_provenance",
     "atomic_write_bytes",
     "check_output_dir",
     "delve_csv_name",
@@ -71,7 +73,9 @@ __all__ = [
     "delve_tables",
     "publish_outputs",
     "sorted_table",
+    "table_csv",
     "to_jsonable",
+    "write_analysis",
     "write_outputs",
 ]
 
@@ -88,58 +92,12 @@ DELVE_STATNAMES: dict[str, str] = {
 }
 
 STATS_NAME = "stats.csv"
-PROVENANCE_NAME = "provenance.json"
 PLOTS_DIR = "plots"
 PROVENANCE_FORMAT = "delve-pipeline.analysis"
 
 #: Method names that mean "this layer has no conv / time-series reduction".
 _NEUTRAL_METHODS = frozenset({"", "none"})
 _PHASE_ORDER = ("", "train", "eval")
-_VERSIONED = (
-    "delve-pipeline",
-    "numpy",
-    "pandas",
-    "torch",
-    "zarr",
-    "numcodecs",
-    "dask",
-    "distributed",
-    "matplotlib",
-    "click",
-)
-
-
-# --------------------------------------------------------------------------- atomic files
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
-
-    Readers see either the old file or the new one, never a part of it; a failure leaves
-    no temporary file behind.
-
-    Examples
-    --------
-    >>> import tempfile
-    >>> with tempfile.TemporaryDirectory() as tmp:
-    ...     p = atomic_write_bytes(Path(tmp) / "a.txt", b"hello")
-    ...     p.read_bytes(), sorted(os.listdir(tmp))
-    (b'hello', ['a.txt'])
-    """
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return target
 
 
 # --------------------------------------------------------------------------- tidy table
@@ -206,7 +164,14 @@ def sorted_table(result: AnalysisResult) -> pd.DataFrame:
     return table.iloc[order].reset_index(drop=True)
 
 
-def _table_csv(table: pd.DataFrame) -> bytes:
+def table_csv(table: pd.DataFrame) -> bytes:
+    """A tidy table as the bytes of ``stats.csv`` (also ``sweep.csv``): ``,``, no index, ``\\n``.
+
+    Examples
+    --------
+    >>> table_csv(pd.DataFrame({"a": [0.1 + 0.2], "b": [math.nan]}))
+    b'a,b\\n0.30000000000000004,\\n'
+    """
     return table.to_csv(index=False, lineterminator="\n").encode("utf-8")
 
 
@@ -412,50 +377,16 @@ def _delve_csv(frame: pd.DataFrame) -> bytes:
 # --------------------------------------------------------------------------- provenance
 
 
-def to_jsonable(value: Any) -> Any:
-    """A JSON-safe copy: tuples as lists, numpy scalars as Python values, non-finite floats as text."""
-    if isinstance(value, dict):
-        return {_json_key(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | set | frozenset):
-        items = sorted(value, key=repr) if isinstance(value, set | frozenset) else value
-        return [to_jsonable(v) for v in items]
-    if isinstance(value, np.ndarray):
-        return to_jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return to_jsonable(value.item())
-    if isinstance(value, float) and not math.isfinite(value):
-        return repr(value)
-    if isinstance(value, str | int | float | bool) or value is None:
-        return value
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    return repr(value)
+def analysis_provenance(result: AnalysisResult) -> dict[str, Any]:
+    """The fields of an analysis's ``provenance.json`` beyond those every output folder has.
 
-
-def _json_key(key: Any) -> str:
-    if isinstance(key, tuple):
-        return "/".join(str(k) for k in key)
-    return str(key)
-
-
-def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for dist in _VERSIONED:
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = "not installed"
-    return out
-
-
-def _provenance(result: AnalysisResult, files: dict[str, str]) -> dict[str, Any]:
+    ``inputs`` (run name -> path and content hash), ``options`` (every analysis option),
+    ``rows``, ``failures`` (skipped layers) and ``nonfinite_samples``; the output folder adds
+    ``format``, ``created``, ``versions`` and ``files`` (see :class:`analyze.output_folder.OutputFolder`).
+    """
     return {
-        "format": PROVENANCE_FORMAT,
-        "format_version": 1,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "inputs": result.inputs,
         "options": result.options,
-        "versions": _versions(),
         "rows": len(result.table),
         "failures": [asdict(f) for f in result.failures],
         "nonfinite_samples": [
@@ -469,19 +400,41 @@ def _provenance(result: AnalysisResult, files: dict[str, str]) -> dict[str, Any]
             }
             for k, n in sorted(result.nonfinite.items(), key=lambda kv: repr(kv[0]))
         ],
-        "files": files,
     }
 
 
 # --------------------------------------------------------------------------- writing
 
 
+def analysis_files(result: AnalysisResult, plots: bool = True) -> Iterator[tuple[str, str, bytes]]:
+    """``(kind, relative path, bytes)`` of every file of an analysis but its provenance.
+
+    ``kind`` is ``"stats"``, ``"delve_csv"`` or ``"plots"`` (see the module docstring for the names).
+    """
+    yield "stats", STATS_NAME, table_csv(sorted_table(result))
+    for name, frame in delve_tables(result).items():
+        yield "delve_csv", name, _delve_csv(frame)
+    if plots:
+        for relative, png in _plot_files(result):
+            yield "plots", f"{PLOTS_DIR}/{relative}", png
+
+
+def write_analysis(result: AnalysisResult, folder: OutputFolder, plots: bool = True) -> dict[str, list[Path]]:
+    """Write an analysis's files and its provenance (last) into ``folder``; kind -> paths written."""
+    written: dict[str, list[Path]] = {"stats": [], "delve_csv": [], "plots": [], "provenance": []}
+    for kind, relative, data in analysis_files(result, plots):
+        written[kind].append(folder.final_path(folder.write(relative, data)))
+    written["provenance"].append(folder.publish(analysis_provenance(result)))
+    return written
+
+
 def write_outputs(
     result: AnalysisResult, out_dir: str | os.PathLike[str], plots: bool = True
 ) -> dict[str, list[Path]]:
-    """Write an analysis's files under ``out_dir`` (created if needed), each atomically.
+    """Write an analysis's files under ``out_dir`` (created if needed), each atomically, in place.
 
-    See the module docstring for the layout and the file names.
+    See the module docstring for the layout and the file names; :func:`publish_outputs` does
+    the same through a staging folder.
 
     Parameters
     ----------
@@ -508,26 +461,34 @@ def write_outputs(
     ...     [p.name for p in paths["delve_csv"]], (Path(tmp) / "stats.csv").read_text().splitlines()[1]
     (['r_none_none_t0.99.csv'], 'r,0,train,fc,none,none,0.99,lsat,0.5')
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written: dict[str, list[Path]] = {"stats": [], "delve_csv": [], "plots": [], "provenance": []}
-    hashes: dict[str, str] = {}
+    folder = OutputFolder(out_dir, format=PROVENANCE_FORMAT, staged=False)
+    written = write_analysis(result, folder, plots)
+    return {kind: [Path(out_dir) / p.relative_to(folder.target) for p in paths] for kind, paths in written.items()}
 
-    def put(relative: str, data: bytes, kind: str) -> None:
-        path = out / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        written[kind].append(atomic_write_bytes(path, data))
-        hashes[relative] = hashlib.sha256(data).hexdigest()
 
-    put(STATS_NAME, _table_csv(sorted_table(result)), "stats")
-    for name, frame in delve_tables(result).items():
-        put(name, _delve_csv(frame), "delve_csv")
-    if plots:
-        for relative, png in _plot_files(result):
-            put(f"{PLOTS_DIR}/{relative}", png, "plots")
-    text = json.dumps(to_jsonable(_provenance(result, hashes)), indent=2, sort_keys=True, allow_nan=False)
-    written["provenance"].append(atomic_write_bytes(out / PROVENANCE_NAME, (text + "\n").encode("utf-8")))
-    return written
+def publish_outputs(
+    result: AnalysisResult, out_dir: str | os.PathLike[str], plots: bool = True
+) -> dict[str, list[Path]]:
+    """Like :func:`write_outputs`, but ``out_dir`` appears or is replaced only when complete.
+
+    The files are written into a staging folder next to ``out_dir`` that is then renamed to
+    ``out_dir`` (:class:`analyze.output_folder.OutputFolder`); an earlier output folder at
+    ``out_dir`` (see :func:`check_output_dir`) is replaced as a whole, so no stale file of an
+    earlier analysis survives. On any failure the staging folder is removed and ``out_dir`` is
+    as it was.
+
+    Returns
+    -------
+    dict
+        As :func:`write_outputs`, with the final (absolute) paths.
+
+    Raises
+    ------
+    FileExistsError
+        ``out_dir`` is a file or a foreign folder, or another analysis published to it meanwhile.
+    """
+    with OutputFolder(out_dir, format=PROVENANCE_FORMAT) as folder:
+        return write_analysis(result, folder, plots)
 
 
 def _plot_files(result: AnalysisResult) -> Iterable[tuple[str, bytes]]:
@@ -607,77 +568,3 @@ def _float(value: Any) -> float:
         return float(value)
     except (TypeError, ValueError):
         return math.nan
-
-
-# --------------------------------------------------------------------------- staged publishing
-
-
-def check_output_dir(out_dir: str | os.PathLike[str]) -> Path:
-    """Check that ``out_dir`` may receive an analysis: absent, empty, or an earlier output folder.
-
-    Raises
-    ------
-    FileExistsError
-        ``out_dir`` is a file, or a non-empty folder without a ``provenance.json`` of a
-        previous analysis (this package does not overwrite other folders).
-    """
-    out = Path(out_dir)
-    if not out.exists() and not out.is_symlink():
-        return out
-    if not out.is_dir():
-        raise FileExistsError(f"{out}: exists and is not a folder")
-    if any(out.iterdir()) and not (out / PROVENANCE_NAME).is_file():
-        raise FileExistsError(
-            f"{out}: a non-empty folder that is not an analysis output (no {PROVENANCE_NAME}); "
-            "choose another output folder"
-        )
-    return out
-
-
-def publish_outputs(
-    result: AnalysisResult, out_dir: str | os.PathLike[str], plots: bool = True
-) -> dict[str, list[Path]]:
-    """Like :func:`write_outputs`, but ``out_dir`` appears or is replaced only when complete.
-
-    The files are written into a staging folder next to ``out_dir`` that is then renamed to
-    ``out_dir``; an earlier output folder at ``out_dir`` (see :func:`check_output_dir`) is
-    replaced as a whole, so no stale file of an earlier analysis survives. On any failure
-    the staging folder is removed and ``out_dir`` is as it was.
-
-    Returns
-    -------
-    dict
-        As :func:`write_outputs`, with the final paths.
-    """
-    out = check_output_dir(out_dir).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    old: Path | None = None
-    try:
-        written = write_outputs(result, stage, plots=plots)
-        os.chmod(stage, 0o755)
-        try:
-            if out.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-                os.replace(out, old / "out")
-                try:
-                    os.replace(stage, out)
-                except BaseException:
-                    os.replace(old / "out", out)
-                    raise
-            else:
-                os.replace(stage, out)
-        except OSError as exc:  # another analysis swapped its folder in between
-            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
-                raise
-            raise FileExistsError(
-                f"{out}: another analysis published to this folder at the same time; the folder holds that "
-                "analysis's complete output, this one's was not written"
-            ) from exc
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    return {kind: [out / p.relative_to(stage) for p in paths] for kind, paths in written.items()}

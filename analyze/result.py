@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -23,8 +23,22 @@ TABLE_COLUMNS = (
     "value",
 )
 
-#: ``(run, epoch, phase, layer, conv_method, timeseries_method)``: what one covariance belongs to.
-SpectrumKey = tuple[str, int, str, str, str, str]
+class SpectrumKey(NamedTuple):
+    """What one spectrum (and its statistics) belongs to; equal to the plain tuple of its fields.
+
+    Examples
+    --------
+    >>> key = SpectrumKey("mnist", 2, "train", "conv1", "channelwise", "last_timestep")
+    >>> key.layer, key == ("mnist", 2, "train", "conv1", "channelwise", "last_timestep")
+    ('conv1', True)
+    """
+
+    run: str
+    epoch: int
+    phase: str
+    layer: str
+    conv_method: str
+    timeseries_method: str
 
 
 @dataclass(frozen=True)
@@ -58,9 +72,13 @@ class AnalysisResult:
     failures : list of LayerFailure
         What was skipped with ``on_error="skip"``.
     options : dict
-        Every option of the analysis (for provenance).
+        Every option of the analysis, as :meth:`analyze.AnalysisOptions.to_dict` gives them
+        (what ``provenance.json`` records; ``AnalysisOptions.from_dict(result.options)`` gives the
+        options back).
     inputs : dict
         run name -> ``{"path": ..., "content_hash": ...}``.
+    layer_order : dict
+        run name -> the analysed layers in the run's order.
     scalar_names : dict
         run name -> scalar names in recording order.
     scalars : dict

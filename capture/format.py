@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import platform
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from importlib import metadata
 from typing import Any
 
 __all__ = [
@@ -30,6 +33,8 @@ __all__ = [
     "gram_path",
     "check_format",
     "LayerRecord",
+    "STORE_DISTRIBUTIONS",
+    "package_versions",
 ]
 
 FORMAT_NAME = "delve-pipeline.run"
@@ -48,6 +53,34 @@ BLOCK_COLUMNS = ("epoch", "phase", "kind", "first_call", "last_call", "sample_ro
 #: ``kind`` of a block: a block of the epoch's moments, or the moments of the last recorded call alone.
 BLOCK_KIND_EPOCH = 0
 BLOCK_KIND_LAST_CALL = 1
+
+
+#: Distributions whose versions a run store records (``versions`` attribute): they shape its numbers.
+STORE_DISTRIBUTIONS = ("delve-pipeline", "torch", "zarr", "numcodecs", "numpy")
+
+
+def package_versions(distributions: Iterable[str]) -> dict[str, str]:
+    """Installed versions of ``distributions`` (``"python"`` names the interpreter).
+
+    A distribution that is not installed maps to ``"not installed"``. This is the one version
+    collector of the project: run stores and every ``provenance.json`` use it.
+
+    Examples
+    --------
+    >>> versions = package_versions(["python", "numpy", "no-such-distribution"])
+    >>> sorted(versions), versions["no-such-distribution"]
+    (['no-such-distribution', 'numpy', 'python'], 'not installed')
+    """
+    out = {}
+    for dist in distributions:
+        if dist == "python":
+            out[dist] = platform.python_version()
+            continue
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
 
 
 class StoreFormatError(ValueError):

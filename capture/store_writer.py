@@ -13,7 +13,6 @@ import asyncio
 import datetime as _dt
 import os
 import shutil
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +26,11 @@ from capture.format import (
     CALL_COLUMNS,
     FORMAT_NAME,
     FORMAT_VERSION,
+    STORE_DISTRIBUTIONS,
     CaptureOptions,
     LayerRecord,
     check_format,
+    package_versions,
     rank_group_name,
 )
 
@@ -45,17 +46,6 @@ _DIMS = {
     "flat": ("sample", "feature"),
     "sequence": ("sample", "time", "feature"),
 }
-
-
-def package_versions() -> dict[str, str]:
-    """Versions of the packages that shape a run's numbers."""
-    out = {}
-    for dist in ("delve-pipeline", "torch", "zarr", "numcodecs", "numpy"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = "unknown"
-    return out
 
 
 def _now() -> str:
@@ -264,7 +254,7 @@ class RunStoreWriter:
                 "format": FORMAT_NAME,
                 "format_version": FORMAT_VERSION,
                 "created": _now(),
-                "versions": package_versions(),
+                "versions": package_versions(STORE_DISTRIBUTIONS),
                 "options": options.to_dict(),
                 "world_size": world_size,
                 "model": [],

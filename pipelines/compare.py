@@ -18,31 +18,25 @@ Output folder
     epoch, run A solid and run B dashed, one colour per method / threshold combination.
 ``provenance.json``
     Written last: both inputs with their content hashes, every option, the SHA-256 of the files.
+
+The folder appears, or replaces an earlier output as a whole, only once every file is written
+(:class:`analyze.OutputFolder`). Reduced covariances are kept next to it, in ``OUT.cache``
+(:func:`analyze.resolve_cache_dir`).
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import hashlib
-import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from analyze import analyze_runs
-from analyze.outputs import (
-    PLOTS_DIR,
-    PROVENANCE_NAME,
-    atomic_write_bytes,
-    check_output_dir,
-    sorted_table,
-    to_jsonable,
-)
+from analyze import AnalysisOptions, AnalysisResult, OutputFolder, analyze_runs, resolve_cache_dir
+from analyze.outputs import PLOTS_DIR, check_output_dir, sorted_table
 from analyze.stats import REGISTRY
 from capture.format import PHASES
 from pipelines._plots import Line, Panel, panels_png
@@ -180,10 +174,12 @@ def compare_runs(
     run_a: str | os.PathLike[str],
     run_b: str | os.PathLike[str],
     out: str | os.PathLike[str],
+    options: AnalysisOptions | Mapping[str, Any] | None = None,
     *,
+    cache_dir: str | os.PathLike[str] | bool | None = True,
     plots: bool = True,
     progress: bool = True,
-    **options: Any,
+    **kwargs: Any,
 ) -> pd.DataFrame:
     """The same statistics of two runs side by side; writes ``compare.csv``, plots and provenance.
 
@@ -193,14 +189,18 @@ def compare_runs(
         Run stores (``run_b - run_a`` is the difference).
     out : path
         Output folder: absent, empty or an earlier output folder (it holds a ``provenance.json``).
+    options : AnalysisOptions or mapping, optional
+        What to compute, for both runs (default: :class:`analyze.AnalysisOptions`' defaults).
+    cache_dir : path, True, False or None
+        The covariance cache: ``True`` (default) ``OUT.cache`` next to ``out``, ``False`` / ``None``
+        none (see :func:`analyze.resolve_cache_dir`).
     plots : bool
         Draw ``plots/compare_{stat}.png``.
     progress : bool
         Show the reduction's progress bar.
-    **options
-        Passed to :func:`analyze.analyze_runs` (``thresholds``, ``conv_methods``, ``stats``,
-        ``phases``, ``epochs``, ``layers``, ``compat``, ``cache_dir``, ...); the defaults are
-        its defaults.
+    **kwargs
+        Any :class:`analyze.AnalysisOptions` field (``thresholds``, ``stats``, ``layers``, ...),
+        overriding ``options``.
 
     Returns
     -------
@@ -218,43 +218,37 @@ def compare_runs(
     --------
     >>> frame = compare_runs("narrow.zarr", "wide.zarr", "cmp", stats=["lsat"])  # doctest: +SKIP
     """
-    out_dir = check_output_dir(out)
-    if "runs" in options:
+    if "runs" in kwargs:
         raise TypeError("compare_runs: 'runs' is not an option; pass run_a and run_b")
-    result = analyze_runs([os.fspath(run_a), os.fspath(run_b)], progress=progress, **options)
+    check_output_dir(out)  # refuse a foreign folder before any work
+    cache = resolve_cache_dir(out, cache_dir)
+    result = analyze_runs(
+        [os.fspath(run_a), os.fspath(run_b)], options, cache_dir=cache, progress=progress, **kwargs
+    )
     name_a, name_b = list(result.inputs)
     table = sorted_table(result)
     frame = side_by_side(table, name_a, name_b)
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    hashes: dict[str, str] = {}
-
-    def put(relative: str, data: bytes) -> None:
-        path = out_dir / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, data)
-        hashes[relative] = hashlib.sha256(data).hexdigest()
-
-    put(COMPARE_NAME, frame.to_csv(index=False, lineterminator="\n").encode("utf-8"))
-    plots_dir = out_dir / PLOTS_DIR
-    if plots_dir.is_dir():
-        for stale in plots_dir.glob("compare_*.png"):
-            stale.unlink()
-    if plots:
-        for name, png in compare_plots(table, name_a, name_b, result.layer_order).items():
-            put(f"{PLOTS_DIR}/{name}", png)
-    provenance = {
-        "format": "delve-pipeline.compare",
-        "format_version": 1,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "run_a": name_a,
-        "run_b": name_b,
-        "inputs": result.inputs,
-        "options": result.options,
-        "rows": len(frame),
-        "failures": [asdict(f) for f in result.failures],
-        "files": hashes,
-    }
-    text = json.dumps(to_jsonable(provenance), indent=2, sort_keys=True, allow_nan=False) + "\n"
-    atomic_write_bytes(out_dir / PROVENANCE_NAME, text.encode("utf-8"))
+    _publish(out, frame, table, result, plots)
     return frame
+
+
+def _publish(
+    out: str | os.PathLike[str], frame: pd.DataFrame, table: pd.DataFrame, result: AnalysisResult, plots: bool
+) -> None:
+    """Publish ``compare.csv``, the plots and ``provenance.json`` (last) as the folder ``out``."""
+    name_a, name_b = frame.attrs["run_a"], frame.attrs["run_b"]
+    with OutputFolder(out, format="delve-pipeline.compare") as folder:
+        folder.write(COMPARE_NAME, frame.to_csv(index=False, lineterminator="\n").encode("utf-8"))
+        if plots:
+            for name, png in compare_plots(table, name_a, name_b, result.layer_order).items():
+                folder.write(f"{PLOTS_DIR}/{name}", png)
+        folder.publish(
+            {
+                "run_a": name_a,
+                "run_b": name_b,
+                "inputs": result.inputs,
+                "options": result.options,
+                "rows": len(frame),
+                "failures": [asdict(f) for f in result.failures],
+            }
+        )

@@ -2,17 +2,19 @@
 
 :func:`run_demo` trains two small models on the 1,797 digits that ship with scikit-learn
 (no download), captures their layers with :class:`capture.Recorder`, analyses the run stores
-with :func:`analyze.analyze_runs` and writes the analysis with
-:func:`analyze.outputs.publish_outputs`:
+with :func:`analyze.analyze_runs` and writes the analysis with :func:`analyze.write_outputs`
+(:data:`MODELS` names each model's capture mode):
 
 ``cnn``
     Conv2d(1->16) -> ReLU -> max-pool -> Conv2d(16->32) -> ReLU -> max-pool -> Linear(128->64)
-    -> ReLU -> Linear(64->10), captured in ``raw`` mode (every layer output is kept, so any
-    conv reduction can be chosen at analysis time).
+    -> ReLU -> Linear(64->10), captured in ``both`` modes: every layer output is kept (so any
+    conv reduction can be chosen at analysis time) and the float64 moments of each layer's
+    matrix (``channelwise`` for the convolutions) are accumulated during training; the analysis
+    reads those moments (``source="auto"`` prefers them when they serve the request).
 ``mlp``
-    Linear(64->512) -> ReLU -> Linear(512->64) -> ReLU -> Linear(64->10), captured in ``gram``
-    mode (float64 moments only). ``fc1`` is deliberately too wide: its output is an affine map
-    of 64 pixels, so at most 64 of its 512 dimensions can carry variance, and its saturation
+    Linear(64->512) -> ReLU -> Linear(512->64) -> ReLU -> Linear(64->10), captured in ``raw``
+    mode (every layer output is kept). ``fc1`` is deliberately too wide: its output is an affine
+    map of 64 pixels, so at most 64 of its 512 dimensions can carry variance, and its saturation
     stays below 64 / 512 = 0.125: the unused tail that saturation is meant to reveal.
 
 Each epoch records the training batches (phase ``train``) and one pass over the held-out
@@ -21,14 +23,19 @@ images with the recorder paused) and ``test_accuracy`` scalars.
 
 Output folder
 -------------
-``{out}/demo.json``
-    What the demo ran (seed, epochs, models, accuracies); marks the folder as a demo output,
-    which a later demo may overwrite.
 ``{out}/runs/cnn.zarr``, ``{out}/runs/mlp.zarr``
     The run stores.
 ``{out}/analysis/``
     ``stats.csv``, the delve-format CSVs, ``plots/`` and ``provenance.json``
     (see :mod:`analyze.outputs`).
+``{out}/demo.json``
+    Written last: what the demo ran (seed, epochs, models, accuracies), package versions and the
+    SHA-256 of every other file; it marks the folder as a demo output, which a later demo may
+    replace.
+
+The whole folder is an :class:`analyze.OutputFolder`: the models are trained, captured and
+analysed into a staging folder next to ``out``, which replaces ``out`` (an earlier demo output
+as a whole) only once everything is written; on a failure ``out`` is as it was.
 
 Determinism
 -----------
@@ -37,12 +44,11 @@ and the batch order come from the seed, training runs single-threaded with
 ``torch.use_deterministic_algorithms(True)`` (both restored afterwards), so ``stats.csv`` is
 the same byte for byte.
 
-Run it with ``python -m pipelines.demo [OUT]`` or ``delve-analyze demo -o OUT``.
+Run it with ``delve-analyze demo -o OUT`` (every option), or ``python -m pipelines.demo [OUT]``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -58,8 +64,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from analyze import AnalysisResult, analyze_runs
-from analyze.outputs import atomic_write_bytes, publish_outputs
+from analyze import AnalysisResult, OutputFolder, analyze_runs, write_outputs
 from capture import Recorder
 
 __all__ = [
@@ -132,7 +137,7 @@ class DemoResult:
     analysis_dir : Path
         The analysis output folder (``stats.csv``, delve CSVs, ``plots/``, ``provenance.json``).
     files : dict
-        :func:`analyze.outputs.write_outputs`' return value (kind -> paths written).
+        The analysis files, as :func:`analyze.write_outputs` returns them (kind -> paths).
     result : AnalysisResult
         The analysis.
     summary : pandas.DataFrame
@@ -289,15 +294,20 @@ def _train(
     return last
 
 
-def _check_out(out: Path) -> None:
-    if not out.exists() and not out.is_symlink():
-        return
-    if not out.is_dir():
-        raise FileExistsError(f"{out}: exists and is not a folder")
-    if any(out.iterdir()) and not (out / DEMO_MARKER).is_file():
-        raise FileExistsError(
-            f"{out}: a non-empty folder that is not a demo output (no {DEMO_MARKER}); choose another folder"
-        )
+def _train_all(
+    stores: dict[str, Path], seed: int, epochs: int, progress: bool
+) -> dict[str, dict[str, float]]:
+    """Train and capture every model of :data:`MODELS` into ``stores``; model -> last accuracies."""
+    data = load_digits_split(seed)
+    accuracy = {}
+    with _deterministic_torch():
+        for model_name, (factory, mode) in MODELS.items():
+            torch.manual_seed(seed)
+            model = factory()
+            accuracy[model_name] = _train(
+                model_name, model, mode, stores[model_name], data, epochs, seed, progress
+            )
+    return accuracy
 
 
 def _summary(result: AnalysisResult, names: dict[str, str]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -383,51 +393,46 @@ def run_demo(
     epochs, seed = int(epochs), int(seed)
     start = time.perf_counter()
     out = Path(out)
-    _check_out(out)
-    out.mkdir(parents=True, exist_ok=True)
     config = {"seed": seed, "epochs": epochs, "models": {m: mode for m, (_, mode) in MODELS.items()}}
-    atomic_write_bytes(
-        out / DEMO_MARKER, (json.dumps({**config, "complete": False}, indent=2) + "\n").encode()
-    )
+    with OutputFolder(
+        out, format="delve-pipeline.demo", provenance_name=DEMO_MARKER, kind="a demo output"
+    ) as folder:
 
-    data = load_digits_split(seed)
-    runs: dict[str, Path] = {}
-    accuracy: dict[str, dict[str, float]] = {}
-    with _deterministic_torch():
-        for model_name, (factory, mode) in MODELS.items():
-            torch.manual_seed(seed)
-            model = factory()
-            runs[model_name] = out / "runs" / f"{model_name}.zarr"
-            accuracy[model_name] = _train(
-                model_name, model, mode, runs[model_name], data, epochs, seed, progress
-            )
+        def published(path: str | os.PathLike[str]) -> Path:
+            """Where a path of the staging folder will be, in the caller's form of ``out``."""
+            return out / Path(path).relative_to(folder.path)
 
-    result = analyze_runs(
-        [str(p) for p in runs.values()],
-        thresholds=(THRESHOLD,),
-        stats=("lsat", "idim"),
-        progress=progress,
-    )
-    names = dict(zip(runs, result.inputs, strict=True))  # model -> run name in the table
-    analysis_dir = out / "analysis"
-    if progress:
-        print("writing CSVs and plots ...", file=sys.stderr, flush=True)
-    files = publish_outputs(result, analysis_dir, plots=True)
-    summary, acc_table = _summary(result, names)
-    seconds = time.perf_counter() - start
-    marker = {**config, "complete": True, "accuracy": accuracy, "runs": {m: str(p) for m, p in runs.items()}}
-    atomic_write_bytes(out / DEMO_MARKER, (json.dumps(marker, indent=2) + "\n").encode())
+        staged = {m: folder.path / "runs" / f"{m}.zarr" for m in MODELS}
+        accuracy = _train_all(staged, seed, epochs, progress)
+        result = analyze_runs(
+            [str(p) for p in staged.values()],
+            thresholds=(THRESHOLD,),
+            stats=("lsat", "idim"),
+            progress=progress,
+        )
+        for info in result.inputs.values():  # the stores' published paths, for provenance.json
+            info["path"] = os.fspath(folder.final_path(info["path"]))
+        if progress:
+            print("writing CSVs and plots ...", file=sys.stderr, flush=True)
+        written = write_outputs(result, folder.path / "analysis", plots=True)
+        files = {kind: [published(p) for p in paths] for kind, paths in written.items()}
+        runs = {m: published(p) for m, p in staged.items()}
+        names = dict(zip(runs, result.inputs, strict=True))  # model -> run name in the table
+        summary, acc_table = _summary(result, names)
+        folder.publish(
+            {**config, "complete": True, "accuracy": accuracy, "runs": {m: str(p) for m, p in runs.items()}}
+        )
     demo = DemoResult(
         out=out,
         runs=runs,
-        analysis_dir=analysis_dir,
+        analysis_dir=out / "analysis",
         files=files,
         result=result,
         summary=summary,
         accuracy=acc_table,
         epochs=epochs,
         seed=seed,
-        seconds=seconds,
+        seconds=time.perf_counter() - start,
     )
     if print_report:
         print(demo.report(), flush=True)
@@ -435,11 +440,16 @@ def run_demo(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m pipelines.demo [OUT] [SEED] [EPOCHS]``; see ``delve-analyze demo --help`` for options."""
+    """``python -m pipelines.demo [OUT]``: the demo with its defaults (``delve-analyze demo`` has every option)."""
     args = sys.argv[1:] if argv is None else argv
-    from pipelines.cli import demo_command
-
-    demo_command.main(args=args, prog_name="python -m pipelines.demo")
+    if len(args) > 1 or (args and args[0].startswith("-")):
+        raise SystemExit(
+            "usage: python -m pipelines.demo [OUT]  (delve-analyze demo --help lists every option)"
+        )
+    try:
+        run_demo(args[0] if args else "demo-output", progress=sys.stderr.isatty())
+    except (ValueError, OSError) as exc:
+        raise SystemExit(f"Error: {' '.join(str(exc).split())}") from None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,7 +8,8 @@ with other thresholds or statistics reads no activation: the covariances come fr
 
 Configuration (TOML)
 --------------------
-::
+A configuration is ``runs``, ``output``, ``cache_dir`` and ``plots`` plus any field of
+:class:`analyze.AnalysisOptions`, validated by it (same names, same defaults except ``stats``)::
 
     runs = ["runs/cnn.zarr", "runs/mlp.zarr"]   # required: run stores
     output = "sweep-out"                         # output folder
@@ -24,35 +25,42 @@ Configuration (TOML)
     scheduler = "threads"      # "synchronous", "threads", "processes" or "tcp://host:port"
     device = "cpu"             # where Gram products run: "cpu", "cuda", "cuda:i"
     source = "auto"            # "auto", "raw" or "gram"
-    cache_dir = "sweep-cache"  # reduced covariances; default: "<output>/cache"
+    cache_dir = "sweep-cache"  # reduced covariances; default "<output>.cache"; false: no cache
     on_error = "raise"         # "skip": analyse the other layers and record the failures
     plots = true
 
-=====================  ===========================  =======================================
-key                    type                         default
-=====================  ===========================  =======================================
-``runs``               string or list of strings    (required)
-``output``             string                       ``"sweep-out"``
-``thresholds``         number or list of numbers    ``[0.99]``
-``conv_methods``       string or list of strings    ``["channelwise"]``
-``timeseries_methods`` string or list of strings    ``["last_timestep"]``
-``stats``              string or list of strings    ``["lsat"]`` (scalar statistics only)
-``epochs``             string, integer or list      every complete epoch
-``layers``             string or list of strings    every layer
-``phases``             string or list of strings    ``["train", "eval"]``
-``compat``             string                       ``"default"``
-``scheduler``          string                       ``"threads"``
-``device``             string                       ``"cpu"``
-``source``             string                       ``"auto"``
-``cache_dir``          string                       ``"<output>/cache"``
-``on_error``           string                       ``"raise"``
-``plots``              boolean                      ``true``
-=====================  ===========================  =======================================
+======================  ===========================  =======================================
+key                     type                         default
+======================  ===========================  =======================================
+``runs``                string or list of strings    (required)
+``output``              string                       ``"sweep-out"``
+``thresholds``          number or list of numbers    ``[0.99]``
+``conv_methods``        string or list of strings    ``["channelwise"]``
+``timeseries_methods``  string or list of strings    ``["last_timestep"]``
+``stats``               string or list of strings    ``["lsat"]`` (scalar statistics only)
+``phases``              string or list of strings    ``["train", "eval"]``
+``epochs``              string, integer or list      every complete epoch
+``layers``              string or list of strings    every layer
+``compat``              string                       ``"default"``
+``device``              string                       ``"cpu"``
+``scheduler``           string                       ``"threads"``
+``interpolation``       string                       none
+``downsample``          integer                      none
+``log_interval``        integer                      none
+``max_samples``         integer                      none
+``calls``               list of two integers         none
+``source``              string                       ``"auto"``
+``on_error``            string                       ``"raise"``
+``task_bytes``          integer                      16 MiB
+``cache_dir``           string or ``false``          ``"<output>.cache"``
+``plots``               boolean                      ``true``
+======================  ===========================  =======================================
 
 Relative paths (``runs``, ``output``, ``cache_dir``) are relative to the TOML file's folder
 (to the current folder for a dict). An unknown key or a bad value raises
-:class:`SweepConfigError` naming the key. Reading TOML needs Python 3.11's ``tomllib``, or the
-``tomli`` package on Python 3.10.
+:class:`SweepConfigError` naming the key, with the reason :class:`analyze.AnalysisOptions`
+gives (the command line and the Python API give the same reasons). Reading TOML needs
+Python 3.11's ``tomllib``, or the ``tomli`` package on Python 3.10.
 
 Output folder
 -------------
@@ -63,49 +71,44 @@ Output folder
 ``plots/sweep_{stat}_{phase}.png``
     The statistic per layer at each run's last analysed epoch, one panel per run, one line per
     conv method / time-series method / threshold combination.
-``cache/``
-    Reduced covariances (unless ``cache_dir`` points elsewhere).
 ``provenance.json``
     Written last: the configuration, inputs with their content hashes, every analysis option,
     package versions, skipped layers and the SHA-256 of every file written.
 
 The output folder must be absent, empty, or an earlier output folder (it holds a
-``provenance.json``); earlier ``sweep_*.png`` plots are replaced.
+``provenance.json``); it appears, or replaces the earlier one as a whole, only once every file
+is written (:class:`analyze.OutputFolder`). The reduced covariances are kept next to it, in
+``<output>.cache``, unless ``cache_dir`` says otherwise.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import hashlib
-import json
 import math
 import os
-import platform
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
-from importlib import metadata
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from analyze import AnalysisResult, analyze_runs
-from analyze.outputs import (
-    PLOTS_DIR,
-    PROVENANCE_NAME,
-    atomic_write_bytes,
-    check_output_dir,
-    sorted_table,
-    to_jsonable,
+from analyze import (
+    AnalysisError,
+    AnalysisOptions,
+    AnalysisResult,
+    OutputFolder,
+    analyze_runs,
+    resolve_cache_dir,
 )
-from analyze.stats import DEFAULT_SEMANTICS, REGISTRY, SCALAR_STATS, SEMANTICS, check_stats, check_thresholds
+from analyze.outputs import PLOTS_DIR, check_output_dir, sorted_table, table_csv
+from analyze.stats import REGISTRY, SCALAR_STATS
 from capture.format import PHASES
-from capture.reshape import CONV_METHODS, TIMESERIES_METHODS
 from pipelines._plots import Line, Panel, panels_png
 
 __all__ = [
     "SWEEP_NAME",
+    "SWEEP_OPTIONS",
     "SweepConfig",
     "SweepConfigError",
     "load_config",
@@ -114,9 +117,8 @@ __all__ = [
 ]
 
 SWEEP_NAME = "sweep.csv"
-SCHEDULERS = ("synchronous", "threads", "processes")
-_SOURCES = ("auto", "raw", "gram")
-_ON_ERROR = ("raise", "skip")
+#: A sweep's analysis defaults: :class:`analyze.AnalysisOptions`' own, but ``lsat`` alone.
+SWEEP_OPTIONS = AnalysisOptions(stats=("lsat",))
 _PLOT_PREFIX = "sweep_"
 
 
@@ -160,23 +162,6 @@ def _string(value: Any, key: str, choices: Sequence[str] | None = None) -> str:
     return value
 
 
-def _names(value: Any, key: str, registry: Mapping[str, Any]) -> tuple[str, ...]:
-    names = _strings(value, key)
-    for name in names:
-        if name not in registry:
-            raise SweepConfigError(
-                f"sweep config: {key!r}: unknown value {name!r}; valid values are: {', '.join(registry)}"
-            )
-    return names
-
-
-def _checked(key: str, check: Any, *args: Any) -> Any:
-    try:
-        return check(*args)
-    except ValueError as exc:
-        raise SweepConfigError(f"sweep config: {key!r}: {' '.join(str(exc).split())}") from None
-
-
 def _resolve(path: str, base: Path) -> str:
     p = Path(path).expanduser()
     return os.fspath(p if p.is_absolute() else base / p)
@@ -186,41 +171,31 @@ def _resolve(path: str, base: Path) -> str:
 class SweepConfig:
     """A validated sweep configuration (see the module docstring for the keys).
 
-    Paths are resolved against the configuration's folder. Build one with :meth:`from_dict`
+    ``options`` holds the analysis options; paths are resolved against the configuration's
+    folder, and ``cache_dir`` is ``None`` when caching is off. Build one with :meth:`from_dict`
     or :func:`load_config`; :meth:`to_dict` gives the TOML keys back.
 
     Examples
     --------
     >>> cfg = SweepConfig.from_dict({"runs": ["a.zarr"], "thresholds": [0.9, 0.99]}, base_dir="/data")
-    >>> cfg.runs, cfg.thresholds, cfg.output, cfg.cache_dir
-    (('/data/a.zarr',), (0.9, 0.99), '/data/sweep-out', '/data/sweep-out/cache')
-    >>> SweepConfig.from_dict({"runs": "a.zarr", "treshold": 0.9})
+    >>> cfg.runs, cfg.options.thresholds, cfg.output, cfg.cache_dir
+    (('/data/a.zarr',), (0.9, 0.99), '/data/sweep-out', '/data/sweep-out.cache')
+    >>> SweepConfig.from_dict({"runs": "a.zarr", "thresholds": [0.9, 1.5]})
     Traceback (most recent call last):
     ...
-    pipelines.sweep.SweepConfigError: sweep config: unknown key 'treshold'; valid keys are: runs, output, thresholds, conv_methods, timeseries_methods, stats, epochs, layers, phases, compat, scheduler, device, source, cache_dir, on_error, plots
+    pipelines.sweep.SweepConfigError: sweep config: 'thresholds': '1.5' is not a number in (0, 1]
     """
 
     runs: tuple[str, ...]
     output: str = "sweep-out"
-    thresholds: tuple[float, ...] = (0.99,)
-    conv_methods: tuple[str, ...] = ("channelwise",)
-    timeseries_methods: tuple[str, ...] = ("last_timestep",)
-    stats: tuple[str, ...] = ("lsat",)
-    epochs: str | int | tuple[int, ...] | None = None
-    layers: tuple[str, ...] | None = None
-    phases: tuple[str, ...] = tuple(PHASES)
-    compat: str | None = None
-    scheduler: str = "threads"
-    device: str = "cpu"
-    source: str = "auto"
+    options: AnalysisOptions = SWEEP_OPTIONS
     cache_dir: str | None = None
-    on_error: str = "raise"
     plots: bool = True
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:
         """The configuration keys, in documentation order."""
-        return tuple(f.name for f in fields(cls))
+        return ("runs", "output", *AnalysisOptions.keys(), "cache_dir", "plots")
 
     @classmethod
     def from_dict(
@@ -244,99 +219,62 @@ class SweepConfig:
         if "runs" not in config:
             raise SweepConfigError("sweep config: 'runs' is required (a list of run stores)")
         base = Path.cwd() if base_dir is None else Path(base_dir)
-        c = dict(config)
-        out: dict[str, Any] = {}
-        out["runs"] = tuple(_resolve(r, base) for r in _strings(c["runs"], "runs"))
-        out["output"] = _resolve(_string(c.get("output", cls.output), "output"), base)
-        if not Path(out["output"]).name:
-            raise SweepConfigError(f"sweep config: 'output' must name a folder, got {c.get('output')!r}")
-        thresholds = c.get("thresholds", list(cls.thresholds))
-        if isinstance(thresholds, bool) or not isinstance(thresholds, int | float | list | tuple):
-            raise SweepConfigError(
-                f"sweep config: 'thresholds' must be a number or a list of numbers in (0, 1], got {thresholds!r}"
-            )
-        out["thresholds"] = _checked("thresholds", check_thresholds, thresholds, "threshold")
-        out["conv_methods"] = _names(
-            c.get("conv_methods", list(cls.conv_methods)), "conv_methods", CONV_METHODS
+        runs = tuple(_resolve(r, base) for r in _strings(config["runs"], "runs"))
+        output = _resolve(_string(config.get("output", cls.output), "output"), base)
+        if not Path(output).name:
+            raise SweepConfigError(f"sweep config: 'output' must name a folder, got {config.get('output')!r}")
+        return cls(
+            runs=runs,
+            output=output,
+            options=_analysis_options(config),
+            cache_dir=_cache_dir(config.get("cache_dir", True), output, base),
+            plots=_boolean(config.get("plots", cls.plots), "plots"),
         )
-        out["timeseries_methods"] = _names(
-            c.get("timeseries_methods", list(cls.timeseries_methods)),
-            "timeseries_methods",
-            TIMESERIES_METHODS,
-        )
-        stats = _checked(
-            "stats", check_stats, _strings(c.get("stats", list(cls.stats)), "stats"), "statistic"
-        )
-        for s in stats:
-            if s not in SCALAR_STATS:
-                raise SweepConfigError(
-                    f"sweep config: 'stats': {s!r} is not a scalar statistic; a sweep tabulates "
-                    f"{', '.join(SCALAR_STATS)}"
-                )
-        out["stats"] = stats
-        epochs = c.get("epochs")
-        if isinstance(epochs, list):
-            if not epochs or not all(
-                isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in epochs
-            ):
-                raise SweepConfigError(
-                    f"sweep config: 'epochs' list must hold non-negative integers, got {epochs!r}"
-                )
-            epochs = tuple(epochs)
-        elif epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, str | int)):
-            raise SweepConfigError(
-                f"sweep config: 'epochs' must be 'all', 'last', a spec like '0,2,5-7', an integer or a list, "
-                f"got {epochs!r}"
-            )
-        out["epochs"] = epochs
-        out["layers"] = _strings(c["layers"], "layers") if "layers" in c else None
-        phases = _strings(c.get("phases", list(cls.phases)), "phases")
-        for p in phases:
-            if p not in PHASES:
-                raise SweepConfigError(
-                    f"sweep config: 'phases': unknown phase {p!r}; valid values are: {', '.join(PHASES)}"
-                )
-        out["phases"] = phases
-        compat = c.get("compat")
-        if compat is not None:
-            compat = _string(compat, "compat", SEMANTICS)
-            compat = None if compat == DEFAULT_SEMANTICS else compat
-        out["compat"] = compat
-        scheduler = _string(c.get("scheduler", cls.scheduler), "scheduler")
-        if scheduler not in SCHEDULERS and "://" not in scheduler:
-            raise SweepConfigError(
-                f"sweep config: 'scheduler' must be one of {', '.join(SCHEDULERS)} or a scheduler address "
-                f"(tcp://host:port), got {scheduler!r}"
-            )
-        out["scheduler"] = scheduler
-        device = _string(c.get("device", cls.device), "device")
-        if not (device == "cpu" or device == "cuda" or device.startswith("cuda:")):
-            raise SweepConfigError(
-                f"sweep config: 'device' must be 'cpu', 'cuda' or 'cuda:i', got {device!r}"
-            )
-        out["device"] = device
-        out["source"] = _string(c.get("source", cls.source), "source", _SOURCES)
-        cache = c.get("cache_dir")
-        out["cache_dir"] = (
-            os.fspath(Path(out["output"]) / "cache")
-            if cache is None
-            else _resolve(_string(cache, "cache_dir"), base)
-        )
-        out["on_error"] = _string(c.get("on_error", cls.on_error), "on_error", _ON_ERROR)
-        plots = c.get("plots", cls.plots)
-        if not isinstance(plots, bool):
-            raise SweepConfigError(f"sweep config: 'plots' must be true or false, got {plots!r}")
-        out["plots"] = plots
-        return cls(**out)
 
     def to_dict(self) -> dict[str, Any]:
-        """The configuration as TOML-ready values (tuples as lists, unset optional keys left out)."""
-        out: dict[str, Any] = {}
-        for key, value in asdict(self).items():
-            if value is None:
-                continue
-            out[key] = list(value) if isinstance(value, tuple) else value
-        return out
+        """The configuration as TOML-ready values (tuples as lists, unset options left out)."""
+        options = {k: v for k, v in self.options.to_dict().items() if v is not None}
+        cache = False if self.cache_dir is None else self.cache_dir
+        return {
+            "runs": list(self.runs),
+            "output": self.output,
+            **options,
+            "cache_dir": cache,
+            "plots": self.plots,
+        }
+
+
+def _analysis_options(config: Mapping[str, Any]) -> AnalysisOptions:
+    """The configuration's analysis options (validated by :class:`analyze.AnalysisOptions`)."""
+    try:
+        options = SWEEP_OPTIONS.replace(**{k: config[k] for k in AnalysisOptions.keys() if k in config})
+    except AnalysisError as exc:
+        raise SweepConfigError(f"sweep config: {exc.argument!r}: {' '.join(exc.reason.split())}") from None
+    for s in options.stats:
+        if s not in SCALAR_STATS:
+            raise SweepConfigError(
+                f"sweep config: 'stats': {s!r} is not a scalar statistic; a sweep tabulates {', '.join(SCALAR_STATS)}"
+            )
+    return options
+
+
+def _cache_dir(value: Any, output: str, base: Path) -> str | None:
+    """``true``: ``<output>.cache``; ``false``: no cache; a string: that folder."""
+    if not isinstance(value, bool | str):
+        raise SweepConfigError(
+            f"sweep config: 'cache_dir' must be a folder (a string) or false, got {value!r}"
+        )
+    try:
+        cache = resolve_cache_dir(output, _resolve(value, base) if isinstance(value, str) else value)
+    except ValueError as exc:
+        raise SweepConfigError(f"sweep config: 'cache_dir': {str(exc).split(': ', 1)[1]}") from None
+    return None if cache is None else os.fspath(cache)
+
+
+def _boolean(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise SweepConfigError(f"sweep config: {key!r} must be true or false, got {value!r}")
+    return value
 
 
 def load_config(config: str | os.PathLike[str] | Mapping[str, Any] | SweepConfig) -> SweepConfig:
@@ -431,58 +369,35 @@ def sweep_plots(
     return out
 
 
-def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for dist in ("delve-pipeline", "numpy", "pandas", "torch", "zarr", "dask", "matplotlib"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = "not installed"
-    return out
-
-
-def _table_csv(table: pd.DataFrame) -> bytes:
-    return table.to_csv(index=False, lineterminator="\n").encode("utf-8")
-
-
 def write_sweep(cfg: SweepConfig, result: AnalysisResult, table: pd.DataFrame) -> dict[str, list[Path]]:
-    """Write ``sweep.csv``, the plots and ``provenance.json`` (last) into ``cfg.output``."""
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
+    """Publish ``sweep.csv``, the plots and ``provenance.json`` (last) as the folder ``cfg.output``.
+
+    The folder appears, or replaces an earlier output as a whole, only once every file is written
+    (:class:`analyze.OutputFolder`); on a failure it is as it was. Returns kind -> final paths.
+    """
+    options = cfg.options
     written: dict[str, list[Path]] = {"table": [], "plots": [], "provenance": []}
-    hashes: dict[str, str] = {}
-
-    def put(relative: str, data: bytes, kind: str) -> None:
-        path = out / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        written[kind].append(atomic_write_bytes(path, data))
-        hashes[relative] = hashlib.sha256(data).hexdigest()
-
-    put(SWEEP_NAME, _table_csv(table), "table")
-    plots_dir = out / PLOTS_DIR
-    if plots_dir.is_dir():  # plots of an earlier sweep with other statistics or phases
-        for stale in plots_dir.glob(f"{_PLOT_PREFIX}*.png"):
-            stale.unlink()
-    if cfg.plots:
-        figures = sweep_plots(
-            table, result.layer_order, cfg.stats, cfg.thresholds, cfg.conv_methods, cfg.timeseries_methods
-        )
-        for name, png in figures.items():
-            put(f"{PLOTS_DIR}/{name}", png, "plots")
-    provenance = {
-        "format": "delve-pipeline.sweep",
-        "format_version": 1,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "config": cfg.to_dict(),
-        "inputs": result.inputs,
-        "options": result.options,
-        "versions": _versions(),
-        "rows": len(table),
-        "failures": [asdict(f) for f in result.failures],
-        "files": hashes,
-    }
-    text = json.dumps(to_jsonable(provenance), indent=2, sort_keys=True, allow_nan=False) + "\n"
-    written["provenance"].append(atomic_write_bytes(out / PROVENANCE_NAME, text.encode("utf-8")))
+    with OutputFolder(cfg.output, format="delve-pipeline.sweep") as folder:
+        written["table"].append(folder.final_path(folder.write(SWEEP_NAME, table_csv(table))))
+        if cfg.plots:
+            figures = sweep_plots(
+                table,
+                result.layer_order,
+                options.stats,
+                options.thresholds,
+                options.conv_methods,
+                options.timeseries_methods,
+            )
+            for name, png in figures.items():
+                written["plots"].append(folder.final_path(folder.write(f"{PLOTS_DIR}/{name}", png)))
+        provenance = {
+            "config": cfg.to_dict(),
+            "inputs": result.inputs,
+            "options": result.options,
+            "rows": len(table),
+            "failures": [asdict(f) for f in result.failures],
+        }
+        written["provenance"].append(folder.publish(provenance))
     return written
 
 
@@ -510,7 +425,8 @@ def sweep(
     SweepConfigError
         A bad configuration (the message names the key).
     FileExistsError
-        The output folder is a file or a non-empty folder that is not an earlier output.
+        The output folder is a file or a non-empty folder that is not an earlier output, or
+        another sweep published to it meanwhile.
     analyze.AnalysisError, FileNotFoundError, capture.StoreFormatError
         From :func:`analyze.analyze_runs`.
 
@@ -520,24 +436,8 @@ def sweep(
     ...                "conv_methods": ["channelwise", "mean"]})  # doctest: +SKIP
     """
     cfg = load_config(config)
-    check_output_dir(cfg.output)
-    result = analyze_runs(
-        list(cfg.runs),
-        thresholds=cfg.thresholds,
-        conv_methods=cfg.conv_methods,
-        timeseries_methods=cfg.timeseries_methods,
-        stats=cfg.stats,
-        phases=cfg.phases,
-        epochs=list(cfg.epochs) if isinstance(cfg.epochs, tuple) else cfg.epochs,
-        layers=list(cfg.layers) if cfg.layers is not None else None,
-        compat=cfg.compat,
-        device=cfg.device,
-        scheduler=cfg.scheduler,
-        source=cfg.source,
-        cache_dir=cfg.cache_dir,
-        on_error=cfg.on_error,
-        progress=progress,
-    )
+    check_output_dir(cfg.output)  # refuse a foreign folder before any work
+    result = analyze_runs(list(cfg.runs), cfg.options, cache_dir=cfg.cache_dir, progress=progress)
     table = sorted_table(result)
     write_sweep(cfg, result, table)
     return table

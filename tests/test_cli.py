@@ -222,6 +222,57 @@ def test_rerun_replaces_the_folder_with_identical_bytes(store: Path, tmp_path: P
     assert leftovers(tmp_path) == []
 
 
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_failure_while_writing_leaves_the_earlier_output(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "res"
+    assert invoke("stats", store, "-o", out, "--stats", "lsat").exit_code == 0
+    before = tree(out)
+
+    def broken(*args: Any, **kwargs: Any) -> bytes:
+        raise RuntimeError("plotting failed")
+
+    from analyze import plots
+
+    monkeypatch.setattr(plots, "heatmap_png", broken)
+    result = invoke("stats", store, "-o", out, "--stats", "lsat,trc", "--threshold", "0.5")
+    assert result.exit_code != 0 and isinstance(result.exception, RuntimeError)
+    assert tree(out) == before  # every byte of the earlier output is still there
+    assert leftovers(tmp_path) == []
+
+
+def test_cache_rule(store: Path, tmp_path: Path) -> None:
+    """``OUT.cache`` next to OUT by default, ``--cache-dir`` elsewhere, ``--no-cache`` none."""
+    out = tmp_path / "res"
+    assert invoke("stats", store, "-o", out, "--no-plots").exit_code == 0
+    assert (tmp_path / "res.cache").is_dir() and not (out / "cache").exists()
+    assert invoke("stats", store, "-o", tmp_path / "two", "--no-plots", "--no-cache").exit_code == 0
+    assert not (tmp_path / "two.cache").exists()
+    elsewhere = tmp_path / "kept"
+    assert invoke("stats", store, "-o", tmp_path / "three", "--no-plots", "--cache-dir", elsewhere).exit_code == 0
+    assert elsewhere.is_dir() and not (tmp_path / "three.cache").exists()
+    assert (tmp_path / "two" / "stats.csv").read_bytes() == (tmp_path / "three" / "stats.csv").read_bytes()
+    assert_usage_error(
+        invoke("stats", store, "-o", out, "--cache-dir", out / "c"), "'--cache-dir'", "inside the output folder"
+    )
+    assert_usage_error(invoke("stats", store, "-o", out, "--cache-dir", elsewhere, "--no-cache"), "exclude")
+
+
+def test_provenance_records_the_analysis_options(store: Path, tmp_path: Path) -> None:
+    from analyze import AnalysisOptions
+
+    out = tmp_path / "res"
+    args = ("--no-plots", "--stats", "lsat,pr", "--threshold", "0.9", "--phase", "train", "--epochs", "last")
+    assert invoke("stats", store, "-o", out, *args).exit_code == 0
+    recorded = json.loads((out / "provenance.json").read_text())["options"]
+    expected = AnalysisOptions(stats=("lsat", "pr"), thresholds=0.9, phases="train", epochs="last")
+    assert recorded == expected.to_dict()
+
+
 def test_skipped_layers_are_reported_on_stderr(
     store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -325,6 +376,27 @@ def test_added_commands_get_one_line_errors() -> None:
     assert runner.invoke(group, ["count", "--n", "3"]).stdout == "3\n"
     assert_usage_error(runner.invoke(group, ["count", "--n", "x"]), "--n")
     assert_usage_error(runner.invoke(group, ["count", "--n", "-1"]), "must be >= 0 (got a negative number)")
+
+
+# --------------------------------------------------------------------------- assembly
+
+
+def test_one_factory_builds_every_group() -> None:
+    import pipelines.cli
+    from analyze.cli import ANALYSIS_COMMANDS, make_cli
+
+    assert sorted(cli.commands) == ["inspect", "stats"]  # python -m analyze: the analysis commands
+    assert sorted(pipelines.cli.cli.commands) == ["compare", "demo", "inspect", "stats", "sweep"]
+    for command in ANALYSIS_COMMANDS:  # the same command objects in both groups
+        assert pipelines.cli.cli.commands[command.name] is command is cli.commands[command.name]
+    group = make_cli([ANALYSIS_COMMANDS[1]])
+    assert sorted(group.commands) == ["inspect"] and group is not cli
+
+
+def test_no_import_cycle_between_the_demo_and_the_command_line() -> None:
+    code = "import sys, pipelines.demo; print('pipelines.cli' in sys.modules, 'analyze.cli' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
 
 
 # --------------------------------------------------------------------------- the installed script

@@ -73,6 +73,53 @@ def test_files(runs: tuple[Path, Path], tmp_path: Path) -> None:
     assert sorted(p.name for p in (out / "plots").iterdir()) == ["compare_idim.png"]
 
 
+def test_a_failure_while_writing_leaves_the_earlier_output(
+    runs: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+
+    module = importlib.import_module("pipelines.compare")  # ``pipelines.compare`` is also a function's name
+    out = tmp_path / "out"
+    compare_runs(*runs, out, progress=False, stats=["lsat"])
+    before = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+    def broken(*args: object, **kwargs: object) -> bytes:
+        raise RuntimeError("plotting failed")
+
+    monkeypatch.setattr(module, "panels_png", broken)
+    with pytest.raises(RuntimeError, match="plotting failed"):
+        compare_runs(*runs, out, progress=False, stats=["idim", "pr"])
+    after = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert after == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.cache"]  # no staging folder left
+
+
+def test_cache_rule(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    from analyze import reduce as analyze_reduce
+
+    compare_runs(*runs, tmp_path / "one", progress=False, plots=False)
+    assert (tmp_path / "one.cache").is_dir()  # the default: OUT.cache next to OUT
+    before = analyze_reduce.chunk_reads["tasks"]
+    again = compare_runs(*runs, tmp_path / "two", progress=False, plots=False, cache_dir=tmp_path / "one.cache")
+    assert analyze_reduce.chunk_reads["tasks"] == before  # served from the first comparison's cache
+    off = compare_runs(*runs, tmp_path / "three", progress=False, plots=False, cache_dir=False)
+    assert not (tmp_path / "three.cache").exists() and not (tmp_path / "two.cache").exists()
+    pd.testing.assert_frame_equal(again, off)
+    with pytest.raises(ValueError, match="inside the output folder"):
+        compare_runs(*runs, tmp_path / "four", progress=False, cache_dir=tmp_path / "four" / "cache")
+
+
+def test_options_object(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    from analyze import AnalysisOptions
+
+    options = AnalysisOptions(stats="trc", phases="eval")
+    frame = compare_runs(*runs, tmp_path / "a", options, progress=False, plots=False)
+    same = compare_runs(*runs, tmp_path / "b", progress=False, plots=False, stats="trc", phases="eval")
+    pd.testing.assert_frame_equal(frame, same)
+    provenance = json.loads((tmp_path / "a" / "provenance.json").read_text())
+    assert AnalysisOptions.from_dict(provenance["options"]) == options
+
+
 def test_same_run_twice_has_no_difference(runs: tuple[Path, Path], tmp_path: Path) -> None:
     frame = compare_runs(runs[0], runs[0], tmp_path / "out", progress=False, plots=False)
     assert frame.attrs == {"run_a": "narrow", "run_b": "narrow-2"}

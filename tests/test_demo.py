@@ -101,6 +101,41 @@ def test_report(demo: tuple[DemoResult, bytes, tuple]) -> None:
     assert sum(line.split()[1:2] == ["accuracy"] for line in lines) == 2
 
 
+def test_provenance_covers_every_file(demo: tuple[DemoResult, bytes, tuple]) -> None:
+    import hashlib
+
+    result, _, _ = demo
+    marker = json.loads((result.out / DEMO_MARKER).read_text())
+    files = {str(p.relative_to(result.out)) for p in result.out.rglob("*") if p.is_file()} - {DEMO_MARKER}
+    assert set(marker["files"]) == files  # the run stores' files included
+    for name in ("analysis/stats.csv", "runs/mlp.zarr/zarr.json"):
+        assert marker["files"][name] == hashlib.sha256((result.out / name).read_bytes()).hexdigest()
+    analysis = json.loads((result.analysis_dir / "provenance.json").read_text())
+    assert {i["path"] for i in analysis["inputs"].values()} == {str(p.absolute()) for p in result.runs.values()}
+
+
+def test_a_failure_while_writing_leaves_the_earlier_output(
+    demo: tuple[DemoResult, bytes, tuple], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from analyze import plots
+
+    out = tmp_path / "out"
+    shutil.copytree(demo[0].out, out)
+    before = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+    def broken(*args: object, **kwargs: object) -> bytes:
+        raise RuntimeError("plotting failed")
+
+    monkeypatch.setattr(plots, "heatmap_png", broken)
+    with pytest.raises(RuntimeError, match="plotting failed"):
+        run_demo(out, seed=1, epochs=1, progress=False, print_report=False)
+    after = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert after == before  # the earlier run stores and analysis, every byte
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folder left
+
+
 def test_refuses_foreign_folder(tmp_path: Path) -> None:
     (tmp_path / "precious.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="not a demo output"):

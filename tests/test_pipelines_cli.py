@@ -96,7 +96,7 @@ def test_sweep(runs: tuple[Path, Path], tmp_path: Path) -> None:
     ("text", "fragments"),
     [
         ('runs = ["a.zarr"]\nthreshold = 0.9\n', ["unknown key 'threshold'", "valid keys are: runs"]),
-        ('runs = ["a.zarr"]\nthresholds = [2.0]\n', ["'thresholds'", "invalid threshold 2.0"]),
+        ('runs = ["a.zarr"]\nthresholds = [2.0]\n', ["'thresholds'", "'2.0' is not a number in (0, 1]"]),
         ('runs = ["a.zarr"]\nconv_methods = ["avg"]\n', ["'conv_methods'", "'avg'"]),
         ('runs = ["a.zarr"\n', ["not valid TOML"]),
         ('runs = ["missing.zarr"]\n', ["missing.zarr"]),
@@ -142,6 +142,16 @@ def test_compare_bad_options(
 ) -> None:
     assert_usage_error(invoke("compare", *runs, "-o", tmp_path / "out", "--no-progress", *args), *fragments)
     assert not (tmp_path / "out").exists()
+
+
+def test_compare_cache_rule(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    """As ``stats``: ``OUT.cache`` next to OUT, ``--no-cache`` none."""
+    result = invoke("compare", *runs, "-o", tmp_path / "cmp", "--no-plots", "--no-progress")
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert (tmp_path / "cmp.cache").is_dir()
+    result = invoke("compare", *runs, "-o", tmp_path / "off", "--no-plots", "--no-cache", "--no-progress")
+    assert result.exit_code == 0 and not (tmp_path / "off.cache").exists()
+    assert (tmp_path / "cmp" / "compare.csv").read_bytes() == (tmp_path / "off" / "compare.csv").read_bytes()
 
 
 def test_compare_missing_run(runs: tuple[Path, Path], tmp_path: Path) -> None:

@@ -382,7 +382,8 @@ def test_analysis_while_capture_appends(clean: str, tmp_path: Path) -> None:
 
 # -- bad options through the command line ----------------------------------------------------------
 
-#: (arguments after ``stats RUN -o OUT``, fragments of the one-line message, separated by ``|``)
+#: (arguments after ``stats RUN -o OUT`` with ``{out}`` standing for OUT, fragments of the one-line
+#: message, separated by ``|``)
 BAD_OPTIONS = [
     (["--threshold", "0"], "'0'|(0, 1]"),
     (["--threshold", "1.5"], "'1.5'|(0, 1]"),
@@ -392,23 +393,24 @@ BAD_OPTIONS = [
     (["--threshold", "0.9", "--threshold", "0.9"], "duplicate thresholds"),
     (["--stats", "lsat,bogus"], "unknown statistic 'bogus'"),
     (["--stats", ","], "name at least one statistic"),
-    (["--conv-method", "bogus"], "'bogus' is not one of"),
-    (["--timeseries-method", "bogus"], "'bogus' is not one of"),
-    (["--phase", "test"], "'test' is not one of"),
-    (["--compat", "delve-9"], "'delve-9' is not"),
+    (["--conv-method", "bogus"], "'--conv-method': unknown conv method 'bogus'; valid values are: channelwise"),
+    (["--timeseries-method", "bogus"], "unknown time-series method 'bogus'"),
+    (["--phase", "test"], "'--phase': unknown phase 'test'; valid values are: train, eval"),
+    (["--compat", "delve-9"], "'--compat': unknown value 'delve-9'"),
     (["--scheduler", "bogus"], "is neither one of"),
-    (["--source", "bogus"], "'bogus' is not one of"),
+    (["--source", "bogus"], "'--source': unknown value 'bogus'; valid values are: auto, raw, gram"),
     (["--epochs", "7"], "epoch(s) [7] out of range; complete epochs are 0-2"),
     (["--epochs", "1-9"], "out of range; complete epochs are 0-2"),
     (["--epochs", "-5"], "epoch(s) [-5] out of range"),
-    (["--epochs", "x"], "epochs: cannot read 'x'"),
+    (["--epochs", "x"], "'--epochs': cannot read 'x'"),
     (["--layers", "nomatch*"], "layers: 'nomatch*' matches no layer; layers are: conv, fc1, fc2"),
     (["--layers", "conv", "--layers", "zzz"], "'zzz' matches no layer"),
-    (["--interpolation", "bilinear"], "--interpolation and --downsample go together"),
-    (["--downsample", "0"], "0 is not in the range x>=1"),
-    (["--log-interval", "0"], "0 is not in the range x>=1"),
-    (["--max-samples", "-3"], "-3 is not in the range x>=1"),
-    (["--device", "tpu"], "device: must be 'cpu' or 'cuda[:i]'"),
+    (["--interpolation", "bilinear"], "'--downsample': interpolation 'bilinear' needs a target size"),
+    (["--downsample", "0"], "'--downsample': must be a positive integer, got 0"),
+    (["--log-interval", "0"], "'--log-interval': must be a positive integer, got 0"),
+    (["--max-samples", "-3"], "'--max-samples': must be a positive integer, got -3"),
+    (["--device", "tpu"], "'--device': must be 'cpu', 'cuda' or 'cuda:i', got 'tpu'"),
+    (["--cache-dir", "{out}/cache"], "'--cache-dir'|is inside the output folder"),
     (["--source", "gram", "--conv-method", "max"], "the store holds no gram moments for max"),
     (["--no-such-option"], "No such option|--no-such-option"),
 ]
@@ -421,6 +423,7 @@ def _leftovers(parent: Path, keep: set[str]) -> list[str]:
 @pytest.mark.parametrize("args, fragment", BAD_OPTIONS, ids=[" ".join(a) for a, _ in BAD_OPTIONS])
 def test_bad_option(args: list[str], fragment: str, clean: str, tmp_path: Path) -> None:
     out = tmp_path / "out"
+    args = [a.format(out=out) for a in args]
     result = CliRunner().invoke(cli, ["stats", clean, "-o", str(out), *args])
     assert result.exit_code == 2, (result.output, result.exception)
     assert result.stdout == ""

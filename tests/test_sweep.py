@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from _runs import make_run
 
-from analyze import analyze_runs
+from analyze import AnalysisOptions, analyze_runs
 from analyze import reduce as analyze_reduce
 from analyze.outputs import sorted_table
 from pipelines.sweep import SWEEP_NAME, SweepConfig, SweepConfigError, load_config, sweep
@@ -70,15 +70,21 @@ def test_table_equals_analyze_runs_and_files(runs: list[Path], tmp_path: Path) -
     assert provenance["format"] == "delve-pipeline.sweep"
     assert provenance["config"]["thresholds"] == THRESHOLDS
     assert set(provenance["files"]) == {SWEEP_NAME, *(f"plots/{p}" for p in plots)}
-    assert (out / "cache").is_dir()
+    # provenance records the options as AnalysisOptions.to_dict gives them
+    assert (
+        AnalysisOptions.from_dict(provenance["options"]) == SweepConfig.from_dict(_config(runs, out)).options
+    )
+    # the cache is kept next to the output folder (which is replaced as a whole), not inside it
+    assert (tmp_path / "out.cache").is_dir() and not (out / "cache").exists()
 
 
 def test_same_sweep_same_bytes(runs: list[Path], tmp_path: Path) -> None:
     sweep(_config(runs, tmp_path / "one", plots=False), progress=False)
     sweep(
-        _config(runs, tmp_path / "two", plots=False, cache_dir=str(tmp_path / "one" / "cache")),
+        _config(runs, tmp_path / "two", plots=False, cache_dir=str(tmp_path / "one.cache")),
         progress=False,
     )
+    assert not (tmp_path / "two.cache").exists()  # the second sweep read the first one's cache
     assert (tmp_path / "one" / SWEEP_NAME).read_bytes() == (tmp_path / "two" / SWEEP_NAME).read_bytes()
 
 
@@ -108,6 +114,27 @@ def test_second_sweep_reads_no_activation(runs: list[Path], tmp_path: Path) -> N
         "sweep_pr_eval.png",
         "sweep_pr_train.png",
     ]
+
+
+def test_a_failure_while_writing_leaves_the_earlier_output(
+    runs: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+
+    module = importlib.import_module("pipelines.sweep")  # ``pipelines.sweep`` is also a function's name
+    out = tmp_path / "out"
+    sweep(_config(runs, out), progress=False)
+    before = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+    def broken(*args: object, **kwargs: object) -> bytes:
+        raise RuntimeError("plotting failed")
+
+    monkeypatch.setattr(module, "panels_png", broken)
+    with pytest.raises(RuntimeError, match="plotting failed"):
+        sweep(_config(runs, out, thresholds=[0.5], stats=["pr"]), progress=False)
+    after = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert after == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.cache"]  # no staging folder left
 
 
 def test_toml_output_relative_to_the_file(
@@ -142,12 +169,22 @@ def test_relative_runs_in_toml(runs: list[Path], tmp_path: Path) -> None:
 def test_config_defaults_and_round_trip(tmp_path: Path) -> None:
     cfg = SweepConfig.from_dict({"runs": "x.zarr"}, base_dir=tmp_path)
     assert cfg.runs == (str(tmp_path / "x.zarr"),)
-    assert cfg.thresholds == (0.99,) and cfg.conv_methods == ("channelwise",) and cfg.stats == ("lsat",)
-    assert cfg.output == str(tmp_path / "sweep-out") and cfg.cache_dir == str(
-        tmp_path / "sweep-out" / "cache"
-    )
+    options = cfg.options
+    assert options.thresholds == (0.99,) and options.conv_methods == ("channelwise",)
+    assert options.stats == ("lsat",)  # a sweep's own default; every other default is AnalysisOptions'
+    assert options.replace(stats=("lsat", "idim")) == AnalysisOptions()
+    assert cfg.output == str(tmp_path / "sweep-out") and cfg.cache_dir == str(tmp_path / "sweep-out.cache")
     assert SweepConfig.from_dict(cfg.to_dict(), base_dir="/elsewhere") == cfg  # absolute paths stay
-    assert SweepConfig.from_dict({"runs": ["x"], "compat": "default"}).compat is None
+    assert SweepConfig.from_dict({"runs": ["x"], "compat": "default"}).options.compat is None
+    # no cache: cache_dir = false, which survives a round trip
+    off = SweepConfig.from_dict({"runs": "x.zarr", "cache_dir": False}, base_dir=tmp_path)
+    assert off.cache_dir is None and off.to_dict()["cache_dir"] is False
+    assert SweepConfig.from_dict(off.to_dict()) == off
+    # every analysis option is a key (here: sample selection and resizing)
+    more = SweepConfig.from_dict(
+        {"runs": "x", "log_interval": 2, "interpolation": "bilinear", "downsample": 4, "calls": [0, 3]}
+    )
+    assert (more.options.log_interval, more.options.downsample, more.options.calls) == (2, 4, (0, 3))
 
 
 @pytest.mark.parametrize(
@@ -156,28 +193,41 @@ def test_config_defaults_and_round_trip(tmp_path: Path) -> None:
         ({"runs": ["a"], "thresold": [0.9]}, "unknown key 'thresold'; valid keys are: runs, output"),
         ({"output": "x"}, "'runs' is required"),
         ({"runs": []}, "'runs' must not be empty"),
-        ({"runs": "a", "thresholds": [0.9, 1.5]}, "'thresholds': invalid threshold 1.5"),
-        ({"runs": "a", "thresholds": "high"}, "'thresholds' must be a number or a list of numbers"),
-        ({"runs": "a", "thresholds": [0.9, 0.9]}, "'thresholds'.*duplicates"),
+        ({"runs": "a", "thresholds": [0.9, 1.5]}, r"'thresholds': '1.5' is not a number in \(0, 1\]"),
+        ({"runs": "a", "thresholds": "high"}, "'thresholds': 'high' is not a number"),
+        ({"runs": "a", "thresholds": [0.9, 0.9]}, r"'thresholds': duplicate thresholds in \[0.9, 0.9\]"),
         (
             {"runs": "a", "conv_methods": ["channelwise", "avg"]},
-            "'conv_methods': unknown value 'avg'; valid values",
+            "'conv_methods': unknown conv method 'avg'; valid values",
         ),
-        ({"runs": "a", "timeseries_methods": ["first"]}, "'timeseries_methods': unknown value 'first'"),
-        ({"runs": "a", "stats": ["sat"]}, "'stats': invalid statistic value 'sat'"),
+        (
+            {"runs": "a", "timeseries_methods": ["first"]},
+            "'timeseries_methods': unknown time-series method 'first'",
+        ),
+        ({"runs": "a", "stats": ["sat"]}, "'stats': unknown statistic 'sat'"),
         ({"runs": "a", "stats": ["cov"]}, "'stats': 'cov' is not a scalar statistic"),
         ({"runs": "a", "phases": ["test"]}, "'phases': unknown phase 'test'"),
-        ({"runs": "a", "epochs": [0, -1]}, "'epochs' list must hold non-negative integers"),
-        ({"runs": "a", "epochs": 1.5}, "'epochs' must be"),
-        ({"runs": "a", "layers": [1]}, "'layers' must be a string or a list of strings"),
+        ({"runs": "a", "epochs": [0, -1]}, "'epochs': a list must hold non-negative integers"),
+        ({"runs": "a", "epochs": 1.5}, "'epochs': must be"),
+        ({"runs": "a", "layers": [1]}, "'layers': must be a string or a list of strings"),
         (
             {"runs": "a", "compat": "delve"},
-            "'compat' must be a string; valid values are: default, delve-0.1.50",
+            "'compat': unknown value 'delve'; valid values are: default, delve-0.1.50",
         ),
-        ({"runs": "a", "scheduler": "fast"}, "'scheduler' must be one of"),
-        ({"runs": "a", "device": "gpu"}, "'device' must be"),
-        ({"runs": "a", "source": "both"}, "'source' must be a string; valid values are: auto, raw, gram"),
+        ({"runs": "a", "scheduler": "fast"}, "'scheduler': 'fast' is neither one of"),
+        ({"runs": "a", "device": "gpu"}, "'device': must be 'cpu', 'cuda' or 'cuda:i'"),
+        (
+            {"runs": "a", "source": "both"},
+            "'source': unknown value 'both'; valid values are: auto, raw, gram",
+        ),
         ({"runs": "a", "on_error": "ignore"}, "'on_error'"),
+        (
+            {"runs": "a", "interpolation": "bilinear"},
+            "'downsample': interpolation 'bilinear' needs a target size",
+        ),
+        ({"runs": "a", "task_bytes": 0}, "'task_bytes': must be a positive integer, got 0"),
+        ({"runs": "a", "output": "o", "cache_dir": "o/cache"}, "'cache_dir': .* is inside the output folder"),
+        ({"runs": "a", "cache_dir": 3}, "'cache_dir' must be a folder"),
         ({"runs": "a", "plots": "yes"}, "'plots' must be true or false"),
         ({"runs": "a", "output": 3}, "'output' must be a string"),
         ({"runs": [1, 2]}, "'runs' must be a string or a list of strings"),
