@@ -30,6 +30,7 @@ from capture import Recorder, open_run
 from capture.format import BLOCK_KIND_EPOCH
 from capture.moments import Moments
 from pipelines import (
+    AbstractWriter,
     CheckLayerSat,
     SaturationTracker,
     TorchCovarianceMatrix,
@@ -39,7 +40,6 @@ from pipelines import (
     compute_intrinsic_dimensionality,
     compute_saturation,
 )
-from pipelines.writers import AbstractWriter
 
 
 @pytest.fixture(autouse=True)
@@ -512,7 +512,7 @@ def test_a_writer_written_for_delve_is_used_as_is(tmp_path):
     pd.testing.assert_frame_equal(_csv(tmp_path / "theirs"), _csv(tmp_path / "run"))
 
 
-@pytest.mark.parametrize("module", ["pipelines.tracker", "pipelines.metrics"])
+@pytest.mark.parametrize("module", ["pipelines.dropin.tracker", "pipelines.dropin.metrics"])
 def test_doctests(module: str) -> None:
     import doctest
     import importlib

@@ -19,8 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipelines import SaturationTracker
-from pipelines.writers import AbstractWriter
+from pipelines import AbstractWriter, SaturationTracker
 
 delve_tc = pytest.importorskip("delve.torchcallback")
 delve_writers = pytest.importorskip("delve.writers")

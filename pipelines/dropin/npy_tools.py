@@ -1,12 +1,12 @@
 """Rebuild delve's result CSV from an npy-writer folder, optionally at a new threshold.
 
 :func:`reconstruct_csv_from_npy_data` is delve 0.1.50's ``delve.tools`` function of the
-same name: it reads the folder that :class:`~pipelines.writers.NPYWriter` writes
+same name: it reads the folder that :class:`~pipelines.dropin.writers.NPYWriter` writes
 (``<folder>/<name>/<name>_epoch<k>.npy``) and returns, and optionally saves, the table the
 CSV writer would have written. With a threshold it recomputes the thresholded statistics
 from the stored covariance matrices (``stats=['cov']`` during training) instead of
 reading them, without the activations. :func:`extract_layer_stat` and :func:`plot_stat`
-(delve's plotting helpers, defined in :mod:`pipelines.writers`) are re-exported here.
+(delve's plotting helpers, defined in :mod:`pipelines.dropin.writers`) are re-exported here.
 
 Differences from delve 0.1.50 (its bugs, fixed)
 -----------------------------------------------
@@ -48,7 +48,7 @@ from analyze.stats import (
     compute_stat,
     spectrum_of,
 )
-from pipelines.writers import (
+from pipelines.dropin.writers import (
     _COV,
     STATMAP,
     _load_epoch_counter,
@@ -77,7 +77,7 @@ def _long_name(stat: str) -> str:
 
 
 def read_npy_folder(npywriter_out_path: str | os.PathLike[str]) -> dict[str, list[Path]]:
-    """The npy files of an :class:`~pipelines.writers.NPYWriter` folder, by value name.
+    """The npy files of an :class:`~pipelines.dropin.writers.NPYWriter` folder, by value name.
 
     Parameters
     ----------
@@ -94,7 +94,7 @@ def read_npy_folder(npywriter_out_path: str | os.PathLike[str]) -> dict[str, lis
     Examples
     --------
     >>> import tempfile
-    >>> from pipelines.writers import NPYWriter
+    >>> from pipelines.dropin.writers import NPYWriter
     >>> run = os.path.join(tempfile.mkdtemp(), "run")
     >>> w = NPYWriter(run)
     >>> for e in range(2):
@@ -165,7 +165,7 @@ def reconstruct_csv_from_npy_data(
     Returns
     -------
     pandas.DataFrame
-        One row per epoch, one column per value, as :class:`~pipelines.writers.CSVWriter`
+        One row per epoch, one column per value, as :class:`~pipelines.dropin.writers.CSVWriter`
         names and orders them.
 
     Raises
@@ -179,7 +179,7 @@ def reconstruct_csv_from_npy_data(
     Examples
     --------
     >>> import tempfile
-    >>> from pipelines.writers import NPYWriter
+    >>> from pipelines.dropin.writers import NPYWriter
     >>> run = os.path.join(tempfile.mkdtemp(), "run")
     >>> w = NPYWriter(run)
     >>> w.add_scalars(prefix="", value_dict={

@@ -3,7 +3,7 @@
 The tracker is a thin shell: the forward hooks, the reshaping rules and the float64 gram
 moments are :class:`capture.Recorder`'s (``mode="gram"``), the statistics are
 :mod:`analyze.stats`' and the files are written by the delve-compatible writers of
-:mod:`pipelines.writers`. Without ``store=`` the recorder keeps no store (``path=None``) and
+:mod:`pipelines.dropin.writers`. Without ``store=`` the recorder keeps no store (``path=None``) and
 hands every block of moments to the tracker through its ``on_block`` callback; with
 ``store=`` the same recorder also streams the run to a Zarr store (raw outputs too with
 ``store_mode="both"``) that ``delve-analyze`` can re-analyse later.
@@ -52,7 +52,7 @@ from analyze.stats import (
 from capture.format import BLOCK_KIND_EPOCH, BLOCK_KIND_LAST_CALL, PHASES
 from capture.moments import Moments
 from capture.recorder import GramBlock, Recorder
-from pipelines.writers import STATMAP, AbstractWriter, CompositWriter, NPYWriter, get_writer
+from pipelines.dropin.writers import STATMAP, AbstractWriter, CompositWriter, NPYWriter, get_writer
 
 __all__ = ["DELVE_LAYER_TYPES", "TRACKER_STATS", "CheckLayerSat", "SaturationTracker"]
 
