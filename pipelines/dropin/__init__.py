@@ -9,6 +9,7 @@ re-exported by :mod:`pipelines`.
 
 from __future__ import annotations
 
+from pipelines.dropin.formats import STATMAP
 from pipelines.dropin.metrics import (
     TorchCovarianceMatrix,
     compute_cov_determinant,
@@ -24,9 +25,14 @@ from pipelines.dropin.pca_layers import (
     change_all_pca_layer_thresholds,
     change_all_pca_layer_thresholds_and_inject_random_directions,
 )
+from pipelines.dropin.plotting import (
+    extract_layer_stat,
+    plot_scatter_from_results,
+    plot_stat,
+    plot_stat_level_from_results,
+)
 from pipelines.dropin.tracker import DELVE_LAYER_TYPES, TRACKER_STATS, CheckLayerSat, SaturationTracker
 from pipelines.dropin.writers import (
-    STATMAP,
     WRITERS,
     AbstractWriter,
     CompositWriter,
@@ -35,11 +41,7 @@ from pipelines.dropin.writers import (
     NPYWriter,
     PrintWriter,
     TensorBoardWriter,
-    extract_layer_stat,
     get_writer,
-    plot_scatter_from_results,
-    plot_stat,
-    plot_stat_level_from_results,
 )
 
 __all__ = [

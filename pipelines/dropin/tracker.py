@@ -52,7 +52,8 @@ from analyze.stats import (
 from capture.format import BLOCK_KIND_EPOCH, BLOCK_KIND_LAST_CALL, PHASES
 from capture.moments import Moments
 from capture.recorder import GramBlock, Recorder
-from pipelines.dropin.writers import STATMAP, AbstractWriter, CompositWriter, NPYWriter, get_writer
+from pipelines.dropin.formats import STATMAP
+from pipelines.dropin.writers import AbstractWriter, CompositWriter, NPYWriter, get_writer
 
 __all__ = ["DELVE_LAYER_TYPES", "TRACKER_STATS", "CheckLayerSat", "SaturationTracker"]
 
