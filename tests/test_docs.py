@@ -49,7 +49,24 @@ def test_doc_examples_run(doc: Path, tmp_path: Path, monkeypatch: pytest.MonkeyP
                 command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
             )
             assert proc.returncode == 0, f"{doc.name}: `{command}` failed:\n{proc.stdout}\n{proc.stderr}"
-            assert shlex.split(command)
+            check_console_output(shlex.split(command), proc.stdout, tmp_path)
+
+
+def check_console_output(args: list[str], stdout: str, cwd: Path) -> None:
+    """What a documented command printed: ``inspect`` describes the store; the others say
+    ``wrote FOLDER: ...`` and FOLDER (``-o``'s, when given) holds the ``provenance.json`` that is
+    written last."""
+    command = " ".join(args)
+    assert args[0] == "delve-analyze", f"`{command}`: the docs' console examples run delve-analyze"
+    if args[1] == "inspect":
+        assert stdout.splitlines()[0].split() == ["run:", args[2]], f"`{command}` printed:\n{stdout}"
+        return
+    match = re.match(r"wrote (.+?): ", stdout)
+    assert match, f"`{command}` printed:\n{stdout}"
+    folder = cwd / match.group(1)
+    if "-o" in args:
+        assert folder.resolve() == (cwd / args[args.index("-o") + 1]).resolve(), command
+    assert (folder / "provenance.json").is_file(), f"`{command}`: {folder} has no provenance.json"
 
 
 def test_cli_reference_lists_every_option() -> None:
