@@ -12,12 +12,10 @@ cut down (fake data, a few steps) so that each runs in about a second.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 pytest.importorskip("delve")
 pytest.importorskip("tqdm")
@@ -173,12 +171,7 @@ tracker.close()
 """
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(source: str, package: str, folder: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:

@@ -29,23 +29,15 @@ from analyze.stats import (
     spectrum_of,
 )
 
-# No numpy RuntimeWarning may leak from the module.
-pytestmark = pytest.mark.filterwarnings("error")
+# No numpy RuntimeWarning may leak from the module. Small eigh calls in torch are ~100x slower
+# with several threads contending with BLAS.
+pytestmark = [pytest.mark.filterwarnings("error"), pytest.mark.usefixtures("one_thread")]
 
 THRESHOLDS = (0.5, 0.9, 0.99, 0.999, 1.0)
 SIZES = (1, 2, 3, 7, 16, 50)
 KINDS = ("lowrank", "decaying", "flat", "few-samples", "many-samples")
 TOL = 1e-12  # the default idim's documented tolerance, written out independently
 DELVE = "delve-0.1.50"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _torch_single_thread():
-    """Small eigh calls in torch are ~100x slower with several threads contending with BLAS."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------- test data
