@@ -22,6 +22,10 @@ import pytest
 import torch
 from torch import nn
 
+# Helper scripts, not test modules: importing _kill_worker.py for its doctests would set torch's
+# thread count for the whole session.
+collect_ignore = ["_kill_worker.py", "_runs.py"]
+
 # -- small models ------------------------------------------------------------------------------
 
 

@@ -2,13 +2,9 @@
 
 - Merging partial moments in any grouping and order equals a one-pass float64 covariance.
 - Every conv / time-series reshaping rule equals a direct numpy implementation on random shapes.
-- The doctests of every capture module pass.
 """
 
 from __future__ import annotations
-
-import doctest
-import importlib
 
 import numpy as np
 import pytest
@@ -200,15 +196,3 @@ def test_layout_rules():
         to_matrix(np.zeros((1, 2, 2)), "sequence", "first")
     with pytest.raises(ValueError, match="unknown layout"):
         to_matrix(np.zeros((1, 2)), "table")
-
-
-# -- doctests of the capture package --------------------------------------------------------------
-
-CAPTURE_MODULES = ["format", "layers", "moments", "recorder", "reshape", "store", "store_writer", "writer"]
-
-
-@pytest.mark.parametrize("module", CAPTURE_MODULES)
-def test_capture_doctests(module):
-    mod = importlib.import_module(f"capture.{module}")
-    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.failed == 0

@@ -346,12 +346,3 @@ def test_python_dash_m_analyze(store: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("wrote ")
     assert (out / "stats.csv").is_file()
-
-
-def test_docstring_examples() -> None:
-    import doctest
-
-    import analyze.cli
-
-    failed, attempted = doctest.testmod(analyze.cli)
-    assert attempted > 0 and failed == 0

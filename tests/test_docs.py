@@ -3,6 +3,8 @@
 Per Markdown file, in order and in one working folder: ```python blocks are executed in one
 shared namespace; ```console blocks run each ``$ command`` line in a shell and must exit 0.
 The README's two set-up commands are exercised by CI itself (``.ci/run``), not here.
+Docstring ``Examples`` run as pytest doctests (``--doctest-modules`` over the three packages,
+configured in pyproject.toml); the last test here keeps that configuration in place.
 """
 
 from __future__ import annotations
@@ -13,6 +15,11 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 import pytest
 
@@ -83,3 +90,12 @@ def test_cli_reference_lists_every_option() -> None:
             for opt in getattr(param, "opts", []):
                 if opt.startswith("-"):
                     assert opt in text, f"docs/cli.md lacks {name} {opt}"
+
+
+def test_docstring_examples_are_collected_by_a_plain_pytest_run() -> None:
+    """``python -m pytest -q`` (CI's command) runs the docstring examples of all three packages."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    assert "--doctest-modules" in config["addopts"].split()
+    assert {"tests", "capture", "analyze", "pipelines"} <= set(config["testpaths"])
+    for package in ("capture", "analyze", "pipelines"):
+        assert any(">>> " in p.read_text() for p in (ROOT / package).rglob("*.py")), package

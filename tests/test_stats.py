@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
 import math
 
 import numpy as np
@@ -512,11 +511,3 @@ def test_pca_embed() -> None:
     assert np.isnan(one[:, 1]).all()
     with pytest.raises(ValueError, match="samples"):
         pca_embed(x[:, :3], s.vectors)
-
-
-# --------------------------------------------------------------------------- docs
-
-
-def test_module_doctests() -> None:
-    result = doctest.testmod(stats)
-    assert result.attempted > 0 and result.failed == 0

@@ -531,12 +531,3 @@ def test_a_writer_written_for_delve_is_used_as_is(tmp_path):
     tracker.add_saturations()
     tracker.close()
     pd.testing.assert_frame_equal(_csv(tmp_path / "theirs"), _csv(tmp_path / "run"))
-
-
-@pytest.mark.parametrize("module", ["pipelines.dropin.tracker", "pipelines.dropin.metrics"])
-def test_doctests(module: str) -> None:
-    import doctest
-    import importlib
-
-    failed, attempted = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
-    assert attempted > 0 and failed == 0
