@@ -640,7 +640,10 @@ def test_two_analyses_into_one_folder_processes(clean: str, tmp_path: Path) -> N
     procs = [
         subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
     ]
-    outcomes = [(p.wait(300), p.stderr.read()) for p in procs]
+    outcomes = []
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)  # reads and closes both pipes
+        outcomes.append((proc.returncode, err))
     for code, err in outcomes:
         assert code == 0 or (code == 2 and "another analysis published" in err and err.count("\n") == 1), err
     assert any(code == 0 for code, _ in outcomes)

@@ -40,9 +40,6 @@ from pipelines import (  # noqa: E402
     reconstruct_csv_from_npy_data,
 )
 
-# delve's NPYWriter.save leaves epoch_counter.pkl open (a ResourceWarning from delve, not from us)
-_DELVE_LEAKS_FILES = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-
 LAYERS = (("conv", 4), ("features-0_fc", 6))  # a layer name with "_" in it
 ALL_STATS = ("lsat", "idim", "trc", "dtrc", "det", "cov")
 
@@ -121,7 +118,6 @@ def test_csv_matches_delve(tmp_path, dw):
     assert len(ours.splitlines()) == 4
 
 
-@_DELVE_LEAKS_FILES
 def test_npy_matches_delve(tmp_path, dw):
     covs = _covariances(2)
     _emit([NPYWriter(str(tmp_path / "ours")), dw.NPYWriter(str(tmp_path / "delve"))], covs)
@@ -200,7 +196,6 @@ def test_registry_matches_delve(dw):
     assert STATMAP == dw.STATMAP
 
 
-@_DELVE_LEAKS_FILES
 def test_get_writer_list_matches_delve(tmp_path, dw):
     ours = get_writer(["csv", "npy"], {"savepath": str(tmp_path / "ours")})
     assert isinstance(ours, CompositWriter)

@@ -198,7 +198,8 @@ class SaturationTracker:
     ...     tracker.add_scalar("epoch", epoch)
     ...     _ = tracker.add_saturations()
     >>> tracker.close()
-    >>> print(open(run + ".csv").readline().strip())
+    >>> with open(run + ".csv") as csv:
+    ...     print(csv.readline().strip())
     ;epoch;train-saturation_0;train-intrinsic-dimensionality_0;train-saturation_2;train-intrinsic-dimensionality_2
     """
 

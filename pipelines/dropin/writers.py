@@ -230,19 +230,20 @@ class CSVWriter(AbstractWriter):
     Examples
     --------
     >>> import os, tempfile
+    >>> from pathlib import Path
     >>> run = os.path.join(tempfile.mkdtemp(), "run")
     >>> w = CSVWriter(run)
     >>> w.add_scalar("epoch", 0)
     >>> w.add_scalars(prefix="", value_dict={"train-saturation_lin": 0.5})
     >>> w.save()
-    >>> print(open(run + ".csv").read(), end="")
+    >>> print(Path(run + ".csv").read_text(), end="")
     ;epoch;train-saturation_lin
     0;0;0.5
     >>> w2 = CSVWriter(run, resume=True)
     >>> w2.add_scalar("epoch", 1)
     >>> w2.add_scalars(prefix="", value_dict={"train-saturation_lin": 0.25})
     >>> w2.save()
-    >>> print(open(run + ".csv").read(), end="")
+    >>> print(Path(run + ".csv").read_text(), end="")
     ;epoch;train-saturation_lin
     0;0;0.5
     1;1;0.25
