@@ -29,8 +29,6 @@ __all__ = [
     "StoreFormatError",
     "CaptureOptions",
     "rank_group_name",
-    "raw_path",
-    "gram_path",
     "check_format",
     "LayerRecord",
     "STORE_DISTRIBUTIONS",
@@ -90,14 +88,6 @@ class StoreFormatError(ValueError):
 def rank_group_name(rank: int) -> str:
     """Name of the group that process ``rank`` writes (``rank-00000``)."""
     return f"rank-{rank:05d}"
-
-
-def raw_path(layer: str) -> str:
-    return f"raw/{layer}"
-
-
-def gram_path(layer: str, method: str) -> str:
-    return f"gram/{layer}/{method}"
 
 
 @dataclass(frozen=True)

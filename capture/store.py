@@ -8,6 +8,7 @@ that is still being written (or whose writer was killed) reads consistently.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from capture.format import (
 )
 
 __all__ = ["open_run", "RunInfo", "RankPart", "RawArray", "GramBlocks", "decode_stored"]
+
+_RANK_GROUP = re.compile(r"rank-\d{5}")  # capture.format.rank_group_name
 
 
 def decode_stored(values: np.ndarray, stored_dtype: str | None) -> np.ndarray:
@@ -250,14 +253,19 @@ def open_run(path: str | os.PathLike[str]) -> RunInfo:
         raise StoreFormatError(f"{where}: not a zarr v3 group ({exc})") from exc
     meta = check_format(root.attrs.asdict(), where)
     ranks = []
-    try:
-        names = sorted(root.group_keys())
-    except Exception as exc:  # noqa: BLE001 - a damaged member's metadata: say where, in one line
-        raise StoreFormatError(f"{where}: unreadable group metadata ({type(exc).__name__}: {exc})") from exc
+    # The rank groups are looked up by name, not by listing the root's members: a killed write leaves
+    # zarr's temporary file (``zarr.<id>.partial``) or a rank folder without its metadata, which zarr's
+    # member listing reports with a warning (an error under a strict warnings filter).
+    names = sorted(p.name for p in Path(where).iterdir() if p.is_dir() and _RANK_GROUP.fullmatch(p.name))
     for name in names:
-        if not name.startswith("rank-"):
+        try:
+            group = root[name]
+        except KeyError:  # its folder, but not yet its metadata: the rank died before its first write
             continue
-        group = root[name]
+        except Exception as exc:  # noqa: BLE001 - a damaged member's metadata: say where, in one line
+            raise StoreFormatError(
+                f"{where}: unreadable group metadata ({type(exc).__name__}: {exc})"
+            ) from exc
         state = group.attrs.get(ATTRS_KEY)
         if not isinstance(state, dict):
             raise StoreFormatError(f"{where}/{name}: a rank group without its {ATTRS_KEY!r} attribute")

@@ -1,46 +1,49 @@
-"""Pipelines stage: tools built on top of capture and analysis (trackers, demos, sweeps, PCA layers).
+"""Pipelines stage: tools built on top of capture and analysis.
 
-For delve users, ``from pipelines import SaturationTracker`` replaces
-``from delve import SaturationTracker`` (see ``docs/migrating-from-delve.md``): the same
-arguments, writers, metrics, PCA layers and npy tools, on this package's capture hook and
-statistics.
+Two audiences, two parts:
+
+- the native tools (:func:`run_demo`, :func:`sweep` / :class:`SweepConfig`, :func:`compare_runs`
+  and the ``delve-analyze`` commands ``demo``, ``sweep`` and ``compare``);
+- the delve drop-in, :mod:`pipelines.dropin` (tracker, writers, metrics, PCA layers, npy
+  tools), re-exported here: for delve users, ``from pipelines import SaturationTracker``
+  replaces ``from delve import SaturationTracker`` (see ``docs/migrating-from-delve.md``).
 """
 
 from __future__ import annotations
 
 from pipelines.compare import compare_runs
 from pipelines.demo import run_demo
-from pipelines.metrics import (
+from pipelines.dropin import (
+    DELVE_LAYER_TYPES,
+    STATMAP,
+    TRACKER_STATS,
+    WRITERS,
+    AbstractWriter,
+    CheckLayerSat,
+    CompositWriter,
+    Conv2DPCALayer,
+    CSVandPlottingWriter,
+    CSVWriter,
+    LinearPCALayer,
+    NPYWriter,
+    PrintWriter,
+    SaturationTracker,
+    TensorBoardWriter,
     TorchCovarianceMatrix,
+    change_all_pca_layer_thresholds,
+    change_all_pca_layer_thresholds_and_inject_random_directions,
     compute_cov_determinant,
     compute_cov_trace,
     compute_diag_trace,
     compute_intrinsic_dimensionality,
     compute_saturation,
-)
-from pipelines.npy_tools import read_npy_folder, reconstruct_csv_from_npy_data
-from pipelines.pca_layers import (
-    Conv2DPCALayer,
-    LinearPCALayer,
-    change_all_pca_layer_thresholds,
-    change_all_pca_layer_thresholds_and_inject_random_directions,
-)
-from pipelines.sweep import SweepConfig, sweep
-from pipelines.tracker import DELVE_LAYER_TYPES, TRACKER_STATS, CheckLayerSat, SaturationTracker
-from pipelines.writers import (
-    STATMAP,
-    WRITERS,
-    AbstractWriter,
-    CompositWriter,
-    CSVandPlottingWriter,
-    CSVWriter,
-    NPYWriter,
-    PrintWriter,
-    TensorBoardWriter,
     extract_layer_stat,
     get_writer,
     plot_stat,
+    read_npy_folder,
+    reconstruct_csv_from_npy_data,
 )
+from pipelines.sweep import SweepConfig, sweep
 
 __all__ = [
     "DELVE_LAYER_TYPES",

@@ -1,19 +1,30 @@
-"""Shared fixtures: small models, a plain forward-hook tape, a delve 0.1.50 tracker factory.
+"""What several test files share: small models, float64 references, a plain forward-hook tape,
+a one-thread fixture, the command line (console script and click runner), and delve 0.1.50 as an
+oracle.
 
 Keep this module generic (any stage's tests may use it); test-specific references belong in the
-test files.
+test files. Plain helpers are imported as ``from conftest import ...``; fixtures need no import.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
+
+# Helper scripts, not test modules: importing _kill_worker.py for its doctests would set torch's
+# thread count for the whole session.
+collect_ignore = ["_kill_worker.py", "_runs.py"]
 
 # -- small models ------------------------------------------------------------------------------
 
@@ -24,15 +35,16 @@ class OracleNet(nn.Module):
     Conv2d(1->4, 3x3, padding 1) -> ReLU -> flatten -> Linear(256->6) -> repeat 3 times along a
     time axis -> LSTM(6->5, batch_first) -> Linear(5->2) on the 3-D sequence output. Input
     ``(B, 1, 8, 8)``. It exercises every path of delve: 4-D, 3-D (LSTM and a Linear on a
-    sequence) and 2-D outputs.
+    sequence) and 2-D outputs. The sizes are parameters: input ``(B, 1, side, side)``,
+    ``channels`` conv maps, ``features`` outputs of the Linear, ``hidden`` LSTM units.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, side: int = 8, channels: int = 4, features: int = 6, hidden: int = 5) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3, padding=1)
-        self.fc = nn.Linear(256, 6)
-        self.lstm = nn.LSTM(6, 5, batch_first=True)
-        self.head = nn.Linear(5, 2)
+        self.conv = nn.Conv2d(1, channels, 3, padding=1)
+        self.fc = nn.Linear(channels * side * side, features)
+        self.lstm = nn.LSTM(features, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.conv(x)).flatten(1)
@@ -88,6 +100,31 @@ def mixed_net() -> Callable[[int], MixedNet]:
         return MixedNet()
 
     return make
+
+
+# -- float64 references -----------------------------------------------------------------------------
+
+
+def covariance64(x: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """Count, mean and centred second moment of ``x`` (n, d), two-pass in float64."""
+    x = np.asarray(x, dtype=np.float64)
+    mean = x.mean(axis=0)
+    centred = x - mean
+    return len(x), mean, centred.T @ centred
+
+
+def population_cov(x: np.ndarray) -> np.ndarray:
+    """The population covariance (divided by n) of ``x`` (n, d), two-pass in float64."""
+    count, _, m2 = covariance64(x)
+    return m2 / count
+
+
+def rel_err(actual: np.ndarray, expected: np.ndarray) -> float:
+    """Largest absolute difference relative to the largest absolute expected value."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    scale = np.abs(expected).max(initial=0.0)
+    diff = np.abs(actual - expected).max(initial=0.0)
+    return diff / scale if scale > 0 else diff
 
 
 # -- delve's reshaping rules, written directly in numpy ----------------------------------------------
@@ -175,6 +212,61 @@ def hook_tape() -> Iterator[Callable[[dict[str, nn.Module]], HookTape]]:
     yield make
     for tape in tapes:
         tape.remove()
+
+
+# -- one thread ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """torch on one thread for the test: the same bits every run, and small eigh calls fast."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- the command line -----------------------------------------------------------------------------------
+
+
+def delve_analyze() -> list[str]:
+    """The installed ``delve-analyze`` console script (the one next to this interpreter first).
+
+    Skips the test when the project is not installed (``pip install -e .``).
+    """
+    path = shutil.which("delve-analyze", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    if path is None:
+        pytest.skip("the delve-analyze console script is not installed")
+    return [path]
+
+
+def run_delve_analyze(*args: Any, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the installed ``delve-analyze`` with ``args`` in a fresh process; output captured as text."""
+    return subprocess.run(
+        [*delve_analyze(), *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def invoke(*args: Any) -> Any:
+    """``delve-analyze ARGS`` through click's runner, in this process (the console script's group)."""
+    from click.testing import CliRunner
+
+    from pipelines.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args], prog_name="delve-analyze")
+
+
+def assert_usage_error(result: Any, *fragments: str) -> None:
+    """Exit status 2, one line ``Error: ...`` on stderr holding every fragment, nothing on stdout,
+    no traceback."""
+    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr, result.exception)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: ")
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
 
 
 # -- delve 0.1.50 as an oracle --------------------------------------------------------------------

@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch import nn
 
-from analyze import AnalysisResult, analyze_runs
+from analyze import AnalysisResult, analyze_runs, write_outputs
 from capture import Recorder
 
 torchcallback = pytest.importorskip("delve.torchcallback")
@@ -243,20 +243,19 @@ def test_matches_delve(name: str, oracle_net: Any, delve_tracker: Any, tmp_path:
         assert_matches_delve(runs.delve_csv, analyse(case, runs.gram), case.epochs)
 
     # The delve-format CSV written by analyze.outputs: delve's header, delve's values.
-    outputs = pytest.importorskip("analyze.outputs")
-    if hasattr(outputs, "write_outputs"):
-        written = outputs.write_outputs(result, tmp_path / "out", plots=False)
-        (ours_csv,) = written["delve_csv"]
-        assert ours_csv.name == "run_channelwise_last_timestep_t0.99.csv"
-        header = ours_csv.read_text().splitlines()[0]
-        assert header == runs.delve_csv.read_text().splitlines()[0]
-        mine = pd.read_csv(ours_csv, sep=";", index_col=0)
-        theirs = pd.read_csv(runs.delve_csv, sep=";", index_col=0)
-        _, _, spectra = our_columns(result)
-        for column in theirs.columns:
-            for epoch in range(case.epochs):
-                a, b = float(mine[column].iloc[epoch]), float(theirs[column].iloc[epoch])
-                assert close(column, a, b, spectra.get(column)), (column, epoch, a, b)
+    written = write_outputs(result, tmp_path / "out", plots=False)
+    (ours_csv,) = written["delve_csv"]
+    assert ours_csv.name == "run_channelwise_last_timestep_t0.99.csv"
+    header = ours_csv.read_text().splitlines()[0]
+    assert header == runs.delve_csv.read_text().splitlines()[0]
+    mine = pd.read_csv(ours_csv, sep=";", index_col=0)
+    theirs = pd.read_csv(runs.delve_csv, sep=";", index_col=0)
+    assert list(mine.index) == list(theirs.index) == list(range(case.epochs))
+    _, _, spectra = our_columns(result)
+    for column in theirs.columns:
+        for epoch in range(case.epochs):
+            a, b = float(mine[column].iloc[epoch]), float(theirs[column].iloc[epoch])
+            assert close(column, a, b, spectra.get(column)), (column, epoch, a, b)
 
 
 @pytest.mark.xfail(

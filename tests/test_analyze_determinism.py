@@ -19,8 +19,9 @@ import pandas as pd
 import pytest
 import torch
 
-from analyze import AnalysisResult, analyze_runs
+from analyze import AnalysisResult, analyze_runs, write_outputs
 from analyze import reduce as reduce_module
+from analyze.outputs import delve_csv_name
 from capture import Recorder, open_run
 
 ALL_CONV = ("channelwise", "mean", "max", "median", "flatten")
@@ -179,10 +180,7 @@ class Baseline:
 
 def output_files(result: AnalysisResult, folder: Path) -> dict[str, bytes]:
     """The bytes of ``write_outputs``' files (``provenance.json`` holds a timestamp: left out)."""
-    outputs = pytest.importorskip("analyze.outputs")
-    if not hasattr(outputs, "write_outputs"):
-        return {}
-    outputs.write_outputs(result, folder, plots=False)
+    write_outputs(result, folder, plots=False)
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != "provenance.json"}
 
 
@@ -203,7 +201,15 @@ def baseline(stores: Stores, tmp_path_factory: pytest.TempPathFactory) -> Baseli
     result = analyze_runs(stores.raw, scheduler="synchronous", task_bytes=64 * 2**20, **ANALYSIS)
     assert reduce_module.chunk_reads["tasks"] == 6  # one task per layer reads all of its chunks
     files = output_files(result, tmp_path_factory.mktemp("baseline"))
-    assert "stats.csv" in files or not files
+    (run,) = result.layer_order
+    delve_csvs = {
+        delve_csv_name(run, conv, ts, threshold)
+        for conv in ALL_CONV
+        for ts in ALL_TS
+        for threshold in ANALYSIS["thresholds"]
+    }
+    assert set(files) == {"stats.csv", *delve_csvs}
+    assert all(data.count(b"\n") > 1 for data in files.values())  # a header and rows in every file
     return Baseline(result, files)
 
 

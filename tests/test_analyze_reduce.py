@@ -1,9 +1,9 @@
 """The analysis stage's numbers against numpy float64 references computed here.
 
 Every store is written by :class:`capture.Recorder` while a plain forward hook (:class:`Tape`)
-keeps what the layers really output. The references below reshape those outputs by the
-documented rules, select samples by delve's rules, and compute covariances and every statistic
-in float64 numpy; :func:`analyze.analyze_runs` must agree, from raw and from gram stores.
+keeps what the layers really output. The references (below and in conftest.py) reshape those
+outputs by the documented rules, select samples by delve's rules, and compute covariances and
+every statistic in float64 numpy; :func:`analyze.analyze_runs` must agree, from raw and from gram stores.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import zarr
+from conftest import numpy_matrix, population_cov
 from torch import nn
 
 from analyze import AnalysisError, analyze_runs, inspect_run, parse_epochs
@@ -153,33 +154,6 @@ def train(
 
 
 # --------------------------------------------------------------------------- references (float64 numpy)
-
-
-def ref_matrix(x: np.ndarray, layout: str, method: str | None) -> np.ndarray:
-    """The documented reshaping rules, in numpy on float64 values."""
-    n = x.shape[0]
-    if layout == "flat":
-        return x.reshape(n, -1)
-    if layout == "sequence":
-        return x[:, -1, :] if method == "last_timestep" else x.reshape(n, -1)
-    c = x.shape[1]
-    maps = x.reshape(n, c, -1)
-    if method == "channelwise":  # each position of each map is a sample
-        return np.moveaxis(maps, 1, 2).reshape(-1, c)
-    if method == "mean":
-        return maps.mean(axis=2)
-    if method == "max":
-        return maps.max(axis=2)
-    if method == "median":  # the lower median for an even count
-        return np.sort(maps, axis=2)[:, :, (maps.shape[2] - 1) // 2]
-    assert method == "flatten"
-    return x.reshape(n, -1)
-
-
-def ref_cov(mat: np.ndarray) -> np.ndarray:
-    """Population covariance, two-pass."""
-    centred = mat - mat.mean(axis=0)
-    return centred.T @ centred / len(mat)
 
 
 def method_of(layout: str, cm: str, tm: str) -> str | None:
@@ -341,8 +315,8 @@ def test_every_statistic_and_method_matches_numpy(mixed: Stores, source: str) ->
                         checked.add(where)
                         if (epoch, phase, layer, method) not in refs:
                             calls = mixed.tape.selected(layer, epoch, phase)
-                            mat = np.concatenate([ref_matrix(c.x, layout, method) for c in calls])
-                            refs[epoch, phase, layer, method] = (Ref(ref_cov(mat), THRESHOLDS), mat)
+                            mat = np.concatenate([numpy_matrix(c.x, layout, method) for c in calls])
+                            refs[epoch, phase, layer, method] = (Ref(population_cov(mat), THRESHOLDS), mat)
                         ref, mat = refs[epoch, phase, layer, method]
                         delta = delta_of(method)
                         problems += [f"{where} {p}" for p in ref.problems(got.get(where, {}), delta)]
@@ -422,7 +396,7 @@ def test_analysis_time_interpolation_matches_torch_interpolate(tmp_path: Path) -
                     assert t.shape[2:] == (4, 4)
                 xs.append(t.to(torch.float64).numpy())
             for m in methods:
-                want = ref_cov(np.concatenate([ref_matrix(x, "conv", m) for x in xs]))
+                want = population_cov(np.concatenate([numpy_matrix(x, "conv", m) for x in xs]))
                 have = result.covariances[("raw", 0, phase, layer, m, "last_timestep")]
                 np.testing.assert_allclose(have, want, rtol=0, atol=1e-12 * np.abs(want).max())
     assert len(result.covariances[("raw", 0, "train", "small", "flatten", "last_timestep")]) == 2 * 4 * 4
@@ -476,7 +450,7 @@ def test_selection_log_interval_max_samples_calls(mixed: Stores, selection: dict
                         assert key not in result.covariances
                         continue
                     method = method_of(layout, cm, "last_timestep")
-                    want = ref_cov(np.concatenate([ref_matrix(c.x, layout, method) for c in calls]))
+                    want = population_cov(np.concatenate([numpy_matrix(c.x, layout, method) for c in calls]))
                     have = result.covariances[key]
                     np.testing.assert_allclose(have, want, rtol=0, atol=1e-12 * np.abs(want).max())
                     checked += 1
@@ -525,7 +499,7 @@ def test_multi_rank_store_analyses_the_union_of_the_data(tmp_path: Path) -> None
             for phase in PHASES:
                 for layer, layout in (("0", "conv"), ("3", "flat")):
                     calls = [c for tape in tapes for c in tape.selected(layer, epoch, phase)]
-                    want = ref_cov(np.concatenate([ref_matrix(c.x, layout, "channelwise") for c in calls]))
+                    want = population_cov(np.concatenate([numpy_matrix(c.x, layout, "channelwise") for c in calls]))
                     have = result.covariances[("ddp", epoch, phase, layer, "channelwise", "last_timestep")]
                     np.testing.assert_allclose(have, want, rtol=0, atol=1e-12 * np.abs(want).max())
 
@@ -581,7 +555,7 @@ def test_zero_covariance_constant_layer_and_single_sample(edge_store: tuple[str,
         )
     # The one layer with variance: an ordinary spectrum, equal to the reference.
     mat = np.concatenate([c.x for c in tape.selected("free", 0, "train")])
-    ref = Ref(ref_cov(mat), (0.99,))
+    ref = Ref(population_cov(mat), (0.99,))
     assert not ref.problems(got[(0, "train", "free", "channelwise", "last_timestep")], 1e-12)
     assert ref.values["trc"] > 0
 
@@ -610,7 +584,7 @@ def test_nonfinite_activations_warn_count_and_give_nan(tmp_path: Path, source: s
     got = table_values(result.table)
     assert all(math.isnan(v) for v in got[key[1:]].values())
     assert np.isnan(result.spectra[key]).all()
-    ref = Ref(ref_cov(out.to(torch.float64).numpy()), (0.99,))
+    ref = Ref(population_cov(out.to(torch.float64).numpy()), (0.99,))
     assert not ref.problems(got[(0, "eval", "0", "channelwise", "last_timestep")], 1e-12)
 
 
@@ -641,9 +615,9 @@ def test_low_precision_storage(tmp_path: Path, dtype: torch.dtype) -> None:
             for m in methods:
                 calls = tape.selected(layer, 0, phase)
                 mat = np.concatenate(
-                    [ref_matrix(c.x, layout, m if layout == "conv" else None) for c in calls]
+                    [numpy_matrix(c.x, layout, m if layout == "conv" else "none") for c in calls]
                 )
-                ref = Ref(ref_cov(mat), (0.99,))
+                ref = Ref(population_cov(mat), (0.99,))
                 key = ("lp", 0, phase, layer, m, "last_timestep")
                 delta = 1e-12  # even for mean: float32 sums of four 16-bit values are exact
                 np.testing.assert_allclose(

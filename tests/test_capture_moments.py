@@ -1,19 +1,16 @@
-"""capture.moments and capture.reshape against float64 numpy references written here.
+"""capture.moments and capture.reshape against float64 numpy references (tests/conftest.py).
 
 - Merging partial moments in any grouping and order equals a one-pass float64 covariance.
 - Every conv / time-series reshaping rule equals a direct numpy implementation on random shapes.
-- The doctests of every capture module pass.
 """
 
 from __future__ import annotations
-
-import doctest
-import importlib
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import covariance64, numpy_matrix, rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -27,56 +24,6 @@ from capture.reshape import (
     methods_for_layout,
     to_matrix,
 )
-
-# -- references ----------------------------------------------------------------------------------
-
-
-def covariance64(x: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
-    """Count, mean and centred second moment of ``x`` (n, d) in one float64 pass."""
-    x = np.asarray(x, dtype=np.float64)
-    mean = x.mean(axis=0)
-    centred = x - mean
-    return len(x), mean, centred.T @ centred
-
-
-def rel_err(actual: np.ndarray, expected: np.ndarray) -> float:
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    scale = np.abs(expected).max(initial=0.0)
-    diff = np.abs(actual - expected).max(initial=0.0)
-    return diff / scale if scale > 0 else diff
-
-
-def lower_median(x: np.ndarray, axis: int) -> np.ndarray:
-    """The lower of the two middle values for an even count (torch.median's and delve's rule)."""
-    k = x.shape[axis]
-    return np.take(np.sort(x, axis=axis), (k - 1) // 2, axis=axis)
-
-
-def numpy_conv_matrix(x: np.ndarray, method: str) -> np.ndarray:
-    """delve's conv rules, written directly in numpy for ``(N, C, *spatial)``."""
-    n, c = x.shape[:2]
-    per_map = x.reshape(n, c, -1)
-    if method == "channelwise":  # every position a sample: rows ordered (n, *spatial)
-        return np.moveaxis(x, 1, -1).reshape(-1, c)
-    if method == "mean":
-        return per_map.astype(np.float64).mean(axis=2)
-    if method == "max":
-        return per_map.max(axis=2)
-    if method == "median":
-        return lower_median(per_map, axis=2)
-    if method == "flatten":
-        return x.reshape(n, -1)
-    raise AssertionError(method)
-
-
-def numpy_sequence_matrix(x: np.ndarray, method: str) -> np.ndarray:
-    """delve's time-series rules for ``(N, T, U)``."""
-    if method == "last_timestep":
-        return x[:, -1, :]
-    if method == "timestepwise":
-        return x.reshape(len(x), -1)
-    raise AssertionError(method)
-
 
 # -- moments: merge equivalence ------------------------------------------------------------------
 
@@ -170,7 +117,7 @@ def test_conv_methods_match_numpy(shape, method, seed):
     rng = np.random.default_rng(seed)
     # few distinct values so that max / median meet ties
     x = rng.integers(-3, 4, size=shape).astype(np.float32) + rng.standard_normal(shape).astype(np.float32)
-    expected = numpy_conv_matrix(x, method)
+    expected = numpy_matrix(x, "conv", method)
     got_np = to_matrix(x, "conv", method)
     got_t = to_matrix(torch.from_numpy(x), "conv", method)
     got_fm = to_matrix(torch.from_numpy(x), "conv", method, feature_major=True)
@@ -192,7 +139,7 @@ def test_conv_methods_match_numpy(shape, method, seed):
 )
 def test_timeseries_methods_match_numpy(shape, method, seed):
     x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-    expected = numpy_sequence_matrix(x, method)
+    expected = numpy_matrix(x, "sequence", method)
     np.testing.assert_array_equal(to_matrix(x, "sequence", method), expected)
     np.testing.assert_array_equal(
         to_matrix(torch.from_numpy(x), "sequence", method, feature_major=True).numpy(), expected.T
@@ -227,7 +174,7 @@ def test_interpolation_follows_delve_rule(shape, mode, size, method, one_d, seed
     # mode that does not apply to the map's rank leaves it unchanged
     resized = len(spatial) in INTERPOLATION_MODES[mode] and max(spatial) > size
     ref = F.interpolate(torch.from_numpy(x), size=size, mode=mode).numpy() if resized else x
-    expected = numpy_conv_matrix(ref, method)
+    expected = numpy_matrix(ref, "conv", method)
     got = to_matrix(x, "conv", method, interpolation=mode, downsample=size)
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
     width = matrix_width(shape[1:], "conv", method, interpolation=mode, downsample=size)
@@ -249,15 +196,3 @@ def test_layout_rules():
         to_matrix(np.zeros((1, 2, 2)), "sequence", "first")
     with pytest.raises(ValueError, match="unknown layout"):
         to_matrix(np.zeros((1, 2)), "table")
-
-
-# -- doctests of the capture package --------------------------------------------------------------
-
-CAPTURE_MODULES = ["format", "layers", "moments", "recorder", "reshape", "store", "store_writer", "writer"]
-
-
-@pytest.mark.parametrize("module", CAPTURE_MODULES)
-def test_capture_doctests(module):
-    mod = importlib.import_module(f"capture.{module}")
-    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.failed == 0

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import zarr
+from conftest import covariance64, rel_err
 from torch import nn
 
 import capture.recorder as recorder_module
@@ -38,21 +39,6 @@ MIXED_LAYOUTS = {
 ORACLE_LAYOUTS = {"conv": "conv", "fc": "flat", "lstm": "sequence", "head": "sequence"}
 
 # -- references -----------------------------------------------------------------------------------
-
-
-def covariance64(x: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
-    """Count, mean and centred second moment of ``x`` (n, d) in one float64 pass."""
-    x = np.asarray(x, dtype=np.float64)
-    mean = x.mean(axis=0)
-    centred = x - mean
-    return len(x), mean, centred.T @ centred
-
-
-def rel_err(actual: np.ndarray, expected: np.ndarray) -> float:
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    scale = np.abs(expected).max(initial=0.0)
-    diff = np.abs(actual - expected).max(initial=0.0)
-    return diff / scale if scale > 0 else diff
 
 
 def samples_first(seen) -> np.ndarray:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,8 @@ from typing import Any
 import click
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from click.testing import CliRunner
+from conftest import assert_usage_error, invoke, run_delve_analyze
 from torch import nn
 
 from analyze.cli import InputError, OneLineErrorGroup, cli, render_inspection
@@ -41,22 +41,6 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
             rec.add_scalar("acc", 0.5 + 0.125 * epoch)
             rec.end_epoch()
     return path
-
-
-def invoke(*args: Any) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args], prog_name="delve-analyze")
-
-
-def assert_usage_error(result: Result, *fragments: str) -> None:
-    """Exit status 2, one line ``Error: ...`` on stderr, nothing on stdout, no traceback."""
-    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr, result.exception)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("Error: ")
-    assert "Traceback" not in result.stderr
-    assert result.stdout == ""
-    for fragment in fragments:
-        assert fragment in lines[0]
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -402,21 +386,9 @@ def test_no_import_cycle_between_the_demo_and_the_command_line() -> None:
 # --------------------------------------------------------------------------- the installed script
 
 
-def _script() -> str:
-    path = shutil.which("delve-analyze")
-    if path is None:
-        pytest.skip("the delve-analyze console script is not installed")
-    return path
-
-
 def test_console_script_bad_threshold(store: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    proc = subprocess.run(
-        [_script(), "stats", str(store), "-o", str(out), "--threshold", "1.5"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_delve_analyze("stats", store, "-o", out, "--threshold", "1.5")
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == ""
     assert len(proc.stderr.splitlines()) == 1
@@ -425,19 +397,12 @@ def test_console_script_bad_threshold(store: Path, tmp_path: Path) -> None:
 
 
 def test_console_script_missing_store_and_inspect(store: Path, tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [_script(), "stats", str(tmp_path / "gone.zarr"), "-o", str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_delve_analyze("stats", tmp_path / "gone.zarr", "-o", tmp_path / "out")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"Error: {tmp_path / 'gone.zarr'}: no run store here"]
     assert not (tmp_path / "out").exists()
 
-    proc = subprocess.run(
-        [_script(), "inspect", str(store), "--json"], capture_output=True, text=True, timeout=300
-    )
+    proc = run_delve_analyze("inspect", store, "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["epochs"] == [0, 1]
 
@@ -453,12 +418,3 @@ def test_python_dash_m_analyze(store: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("wrote ")
     assert (out / "stats.csv").is_file()
-
-
-def test_docstring_examples() -> None:
-    import doctest
-
-    import analyze.cli
-
-    failed, attempted = doctest.testmod(analyze.cli)
-    assert attempted > 0 and failed == 0

@@ -158,12 +158,3 @@ def test_errors(runs: tuple[Path, Path], tmp_path: Path) -> None:
     with pytest.raises(FileExistsError):
         compare_runs(*runs, tmp_path / "d", progress=False)
     assert not any((tmp_path / p).exists() for p in ("a", "b", "c"))
-
-
-def test_doctests() -> None:
-    import doctest
-
-    import pipelines.compare
-
-    failed, attempted = doctest.testmod(pipelines.compare, optionflags=doctest.ELLIPSIS)
-    assert attempted > 0 and failed == 0

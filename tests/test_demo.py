@@ -156,12 +156,3 @@ def test_split_is_seeded() -> None:
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     assert len(a[1]) + len(a[3]) == 1797
     assert not torch.equal(load_digits_split(4)[1], a[1])
-
-
-def test_doctests() -> None:
-    import doctest
-
-    import pipelines.demo
-
-    failed, attempted = doctest.testmod(pipelines.demo, optionflags=doctest.ELLIPSIS)
-    assert attempted > 0 and failed == 0

@@ -3,6 +3,8 @@
 Per Markdown file, in order and in one working folder: ```python blocks are executed in one
 shared namespace; ```console blocks run each ``$ command`` line in a shell and must exit 0.
 The README's two set-up commands are exercised by CI itself (``.ci/run``), not here.
+Docstring ``Examples`` run as pytest doctests (``--doctest-modules`` over the three packages,
+configured in pyproject.toml); the last test here keeps that configuration in place.
 """
 
 from __future__ import annotations
@@ -13,6 +15,11 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 import pytest
 
@@ -49,7 +56,24 @@ def test_doc_examples_run(doc: Path, tmp_path: Path, monkeypatch: pytest.MonkeyP
                 command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
             )
             assert proc.returncode == 0, f"{doc.name}: `{command}` failed:\n{proc.stdout}\n{proc.stderr}"
-            assert shlex.split(command)
+            check_console_output(shlex.split(command), proc.stdout, tmp_path)
+
+
+def check_console_output(args: list[str], stdout: str, cwd: Path) -> None:
+    """What a documented command printed: ``inspect`` describes the store; the others say
+    ``wrote FOLDER: ...`` and FOLDER (``-o``'s, when given) holds the ``provenance.json`` that is
+    written last."""
+    command = " ".join(args)
+    assert args[0] == "delve-analyze", f"`{command}`: the docs' console examples run delve-analyze"
+    if args[1] == "inspect":
+        assert stdout.splitlines()[0].split() == ["run:", args[2]], f"`{command}` printed:\n{stdout}"
+        return
+    match = re.match(r"wrote (.+?): ", stdout)
+    assert match, f"`{command}` printed:\n{stdout}"
+    folder = cwd / match.group(1)
+    if "-o" in args:
+        assert folder.resolve() == (cwd / args[args.index("-o") + 1]).resolve(), command
+    assert (folder / "provenance.json").is_file(), f"`{command}`: {folder} has no provenance.json"
 
 
 def test_cli_reference_lists_every_option() -> None:
@@ -66,3 +90,12 @@ def test_cli_reference_lists_every_option() -> None:
             for opt in getattr(param, "opts", []):
                 if opt.startswith("-"):
                     assert opt in text, f"docs/cli.md lacks {name} {opt}"
+
+
+def test_docstring_examples_are_collected_by_a_plain_pytest_run() -> None:
+    """``python -m pytest -q`` (CI's command) runs the docstring examples of all three packages."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    assert "--doctest-modules" in config["addopts"].split()
+    assert {"tests", "capture", "analyze", "pipelines"} <= set(config["testpaths"])
+    for package in ("capture", "analyze", "pipelines"):
+        assert any(">>> " in p.read_text() for p in (ROOT / package).rglob("*.py")), package

@@ -520,12 +520,3 @@ def test_plot_functions_handle_nan_and_many_epochs() -> None:
     assert plots.spectrum_png(spectra, ["dead", "wide"], "t")[:8] == PNG_SIGNATURE
     with pytest.raises(ValueError, match="shape"):
         plots.heatmap_png(np.zeros((2, 3)), [0], ["a"], "x", "t")
-
-
-@pytest.mark.parametrize("module", ["analyze.outputs", "analyze.plots"])
-def test_docstring_examples(module: str) -> None:
-    import doctest
-    import importlib
-
-    failed, attempted = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
-    assert attempted > 0 and failed == 0

@@ -1,4 +1,4 @@
-"""Tests for pipelines.pca_layers against float64 numpy references and delve 0.1.50."""
+"""The drop-in PCA layers against float64 numpy references and delve 0.1.50."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipelines.pca_layers import (
+from pipelines import (
     Conv2DPCALayer,
     LinearPCALayer,
     change_all_pca_layer_thresholds,

@@ -5,35 +5,19 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import pytest
 from _runs import make_run
-from click.testing import CliRunner, Result
+from conftest import assert_usage_error, invoke
 
-from pipelines.cli import cli, main
+from pipelines.cli import main
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("cli-runs")
     return make_run(root / "a.zarr", seed=0), make_run(root / "b.zarr", seed=1)
-
-
-def invoke(*args: Any) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args], prog_name="delve-analyze")
-
-
-def assert_usage_error(result: Result, *fragments: str) -> None:
-    """Exit status 2, one line ``Error: ...`` on stderr, nothing on stdout, no traceback."""
-    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr, result.exception)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("Error: ")
-    assert result.stdout == ""
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_group_has_every_command() -> None:

@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import threading
 import time
 import warnings
@@ -37,12 +36,11 @@ import pandas as pd
 import pytest
 import torch
 import zarr
-from click.testing import CliRunner
+from conftest import delve_analyze, invoke
 from torch import nn
 
 from analyze import AnalysisError, analyze_runs, inspect_run, run_stats
 from analyze.api import MAX_WIDTH
-from analyze.cli import cli
 from analyze.outputs import publish_outputs
 from analyze.reduce import ChunkReadError
 from capture import CaptureError, Recorder, StoreFormatError, open_run
@@ -50,11 +48,6 @@ from capture.recorder import MAX_GRAM_WIDTH
 
 STATS = ("lsat", "idim", "trc")
 EPOCHS = 3
-#: The installed console script (next to this interpreter first), else ``python -m analyze``.
-_SCRIPT = shutil.which(
-    "delve-analyze", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-)
-DELVE_ANALYZE = [_SCRIPT] if _SCRIPT else [sys.executable, "-m", "analyze"]
 LAYERS = ("conv", "fc1", "fc2")
 
 
@@ -219,8 +212,8 @@ def test_damaged_layer_through_the_cli(damaged: Callable[[str], Path], clean: st
     store = damaged("garbage raw chunk")
     out = tmp_path / "out"
     runs = [
-        [*DELVE_ANALYZE, "stats", str(store), "-o", str(out), "--no-plots", "--stats", "lsat,idim,trc", "--source", "raw"],
-        [*DELVE_ANALYZE, "stats", str(store), "-o", str(out), "--no-plots", "--stats", "lsat,idim,trc",
+        [*delve_analyze(), "stats", str(store), "-o", str(out), "--no-plots", "--stats", "lsat,idim,trc", "--source", "raw"],
+        [*delve_analyze(), "stats", str(store), "-o", str(out), "--no-plots", "--stats", "lsat,idim,trc",
          "--source", "raw", "--on-error", "skip"],
     ]  # fmt: skip
     failed = subprocess.run(runs[0], capture_output=True, text=True, timeout=300)
@@ -299,7 +292,7 @@ def test_bad_store(kind: str, clean: str, tmp_path: Path) -> None:
     with pytest.raises(error, match=pattern) as info:
         stats_of(str(store))
     assert str(info.value).startswith(str(store)) and "\n" not in str(info.value)
-    result = CliRunner().invoke(cli, ["stats", str(store), "-o", str(tmp_path / "out")])
+    result = invoke("stats", str(store), "-o", str(tmp_path / "out"))
     assert result.exit_code == 2, result.output
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(f"Error: {store}") and re.search(pattern, line), line
@@ -327,7 +320,7 @@ def test_store_being_written(clean: str, tmp_path: Path) -> None:
         run = open_run(store)
         assert (run.epochs, run.incomplete_epoch) == ([0], 1)
         assert inspect_run(store)["incomplete_epoch"] == 1
-        shown = CliRunner().invoke(cli, ["inspect", str(store)])
+        shown = invoke("inspect", str(store))
         assert shown.exit_code == 0 and "incomplete epoch: 1 (not analysed)" in shown.output
         for source in ("raw", "gram"):
             assert_same(rows(stats_of(str(store), source=source)), rows(stats_of(clean, source=source), [0]))
@@ -424,7 +417,7 @@ def _leftovers(parent: Path, keep: set[str]) -> list[str]:
 def test_bad_option(args: list[str], fragment: str, clean: str, tmp_path: Path) -> None:
     out = tmp_path / "out"
     args = [a.format(out=out) for a in args]
-    result = CliRunner().invoke(cli, ["stats", clean, "-o", str(out), *args])
+    result = invoke("stats", clean, "-o", str(out), *args)
     assert result.exit_code == 2, (result.output, result.exception)
     assert result.stdout == ""
     (line,) = result.stderr.strip().splitlines()
@@ -435,7 +428,7 @@ def test_bad_option(args: list[str], fragment: str, clean: str, tmp_path: Path) 
 def test_bad_output_folder(clean: str, tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "thesis.tex").write_text("keep me")
-    result = CliRunner().invoke(cli, ["stats", clean, "-o", str(tmp_path / "out")])
+    result = invoke("stats", clean, "-o", str(tmp_path / "out"))
     assert result.exit_code == 2
     (line,) = result.stderr.strip().splitlines()
     assert "not an analysis output" in line
@@ -453,7 +446,7 @@ def test_bad_option_console_script(args: list[str], fragment: str, clean: str, t
     """The same through the installed ``delve-analyze`` (a fresh process)."""
     out = tmp_path / "out"
     proc = subprocess.run(
-        [*DELVE_ANALYZE, "stats", clean, "-o", str(out), *args], capture_output=True, text=True, timeout=300
+        [*delve_analyze(), "stats", clean, "-o", str(out), *args], capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 2 and proc.stdout == ""
     (line,) = proc.stderr.strip().splitlines()
@@ -508,7 +501,7 @@ def test_odd_values_sources_agree_and_cli_reports_them(odd: str, tmp_path: Path)
     assert (np.isnan(raw["value"]) == np.isnan(gram["value"])).all()
     np.testing.assert_allclose(raw["value"][finite], gram["value"][finite], rtol=1e-9, atol=1e-12)
     with pytest.warns(RuntimeWarning, match="NaN/Inf"):
-        result = CliRunner().invoke(cli, ["stats", odd, "-o", str(tmp_path / "out"), "--no-plots"])
+        result = invoke("stats", odd, "-o", str(tmp_path / "out"), "--no-plots")
     assert result.exit_code == 0, result.output
     provenance = json.loads((tmp_path / "out" / "provenance.json").read_text())
     assert [(n["layer"], n["epoch"], n["count"]) for n in provenance["nonfinite_samples"]] == [
@@ -553,9 +546,7 @@ def test_too_wide_to_analyse(tmp_path: Path) -> None:
         store, conv_methods="flatten", interpolation="bilinear", downsample=8, layers="conv"
     )
     assert set(downsampled["stat"]) == set(STATS) and np.isfinite(downsampled["value"]).all()
-    cli_run = CliRunner().invoke(
-        cli, ["stats", store, "-o", str(tmp_path / "out"), "--conv-method", "flatten"]
-    )
+    cli_run = invoke("stats", store, "-o", tmp_path / "out", "--conv-method", "flatten")
     assert cli_run.exit_code == 2
     (line,) = cli_run.stderr.strip().splitlines()
     assert "12800 columns wide" in line and not (tmp_path / "out").exists()
@@ -648,11 +639,14 @@ def test_two_analyses_into_one_folder_forced_race(
 def test_two_analyses_into_one_folder_processes(clean: str, tmp_path: Path) -> None:
     """Two ``delve-analyze stats`` processes into one folder (and its default cache) at once."""
     out = tmp_path / "out"
-    command = [*DELVE_ANALYZE, "stats", clean, "-o", str(out), "--no-plots", "--stats", "lsat,idim,trc"]
+    command = [*delve_analyze(), "stats", clean, "-o", str(out), "--no-plots", "--stats", "lsat,idim,trc"]
     procs = [
         subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
     ]
-    outcomes = [(p.wait(300), p.stderr.read()) for p in procs]
+    outcomes = []
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)  # reads and closes both pipes
+        outcomes.append((proc.returncode, err))
     for code, err in outcomes:
         assert code == 0 or (code == 2 and "another analysis published" in err and err.count("\n") == 1), err
     assert any(code == 0 for code, _ in outcomes)

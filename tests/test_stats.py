@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
 import math
 
 import numpy as np
@@ -29,23 +28,15 @@ from analyze.stats import (
     spectrum_of,
 )
 
-# No numpy RuntimeWarning may leak from the module.
-pytestmark = pytest.mark.filterwarnings("error")
+# No numpy RuntimeWarning may leak from the module. Small eigh calls in torch are ~100x slower
+# with several threads contending with BLAS.
+pytestmark = [pytest.mark.filterwarnings("error"), pytest.mark.usefixtures("one_thread")]
 
 THRESHOLDS = (0.5, 0.9, 0.99, 0.999, 1.0)
 SIZES = (1, 2, 3, 7, 16, 50)
 KINDS = ("lowrank", "decaying", "flat", "few-samples", "many-samples")
 TOL = 1e-12  # the default idim's documented tolerance, written out independently
 DELVE = "delve-0.1.50"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _torch_single_thread():
-    """Small eigh calls in torch are ~100x slower with several threads contending with BLAS."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------- test data
@@ -520,11 +511,3 @@ def test_pca_embed() -> None:
     assert np.isnan(one[:, 1]).all()
     with pytest.raises(ValueError, match="samples"):
         pca_embed(x[:, :3], s.vectors)
-
-
-# --------------------------------------------------------------------------- docs
-
-
-def test_module_doctests() -> None:
-    result = doctest.testmod(stats)
-    assert result.attempted > 0 and result.failed == 0

@@ -277,12 +277,3 @@ def test_gram_store_with_uncaptured_method_can_be_skipped(runs: list[Path], tmp_
     assert set(g["conv_method"]) == set()  # the conv layer of the gram store was skipped as a whole
     provenance = json.loads((tmp_path / "out" / "provenance.json").read_text())
     assert [f["layer"] for f in provenance["failures"]] == ["conv"]
-
-
-@pytest.mark.parametrize("module", ["pipelines.sweep", "pipelines._plots"])
-def test_doctests(module: str) -> None:
-    import doctest
-    import importlib
-
-    failed, attempted = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
-    assert attempted > 0 and failed == 0

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +20,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import numpy_matrix
+from conftest import OracleNet, numpy_matrix
 from torch import nn
 
 import pipelines
+import pipelines.dropin
 from analyze import run_stats
 from capture import Recorder, open_run
 from capture.format import BLOCK_KIND_EPOCH
 from capture.moments import Moments
 from pipelines import (
+    AbstractWriter,
     CheckLayerSat,
     SaturationTracker,
     TorchCovarianceMatrix,
@@ -39,31 +40,8 @@ from pipelines import (
     compute_intrinsic_dimensionality,
     compute_saturation,
 )
-from pipelines.writers import AbstractWriter
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class Net(nn.Module):
-    """Conv2d -> Linear -> LSTM (batch first) -> Linear on the sequence output."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 3, 3, padding=1)
-        self.fc = nn.Linear(3 * 6 * 6, 5)
-        self.lstm = nn.LSTM(5, 4, batch_first=True)
-        self.head = nn.Linear(4, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc(torch.relu(self.conv(x)).flatten(1))
-        seq, _ = self.lstm(h[:, None, :].repeat(1, 3, 1))
-        return self.head(seq)[:, -1, :]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 LAYOUTS = {"conv": ("conv", "channelwise"), "fc": ("flat", "none"), "lstm": ("sequence", "last_timestep")}
@@ -90,9 +68,10 @@ def _epoch(model: nn.Module, opt: Any, x: torch.Tensor, y: torch.Tensor, evaluat
                 model(x[i : i + 18])
 
 
-def _model() -> tuple[Net, Any]:
+def _model() -> tuple[OracleNet, Any]:
+    """The oracle model, smaller: input (B, 1, 6, 6), 3 conv maps, Linear(108->5), LSTM(5->4)."""
     torch.manual_seed(0)
-    model = Net()
+    model = OracleNet(side=6, channels=3, features=5, hidden=4)
     return model, torch.optim.SGD(model.parameters(), lr=0.05)
 
 
@@ -415,19 +394,61 @@ def test_arguments_are_checked(tmp_path):
         SaturationTracker(str(tmp_path / "a"), "csv", net, stats=["cov"]).close()
 
 
-def test_public_face_and_signature():
-    delve_tc = pytest.importorskip("delve.torchcallback")
+#: delve 0.1.50 module -> the names a delve script imports from it; each has its drop-in in pipelines.
+DELVE_NAMES = {
+    "delve.torchcallback": ("SaturationTracker", "CheckLayerSat"),
+    "delve.writers": (
+        "AbstractWriter",
+        "CSVWriter",
+        "CSVandPlottingWriter",
+        "CompositWriter",
+        "NPYWriter",
+        "PrintWriter",
+        "STATMAP",
+        "TensorBoardWriter",
+        "WRITERS",
+        "extract_layer_stat",
+        "plot_scatter_from_results",
+        "plot_stat",
+        "plot_stat_level_from_results",
+    ),
+    "delve.metrics": (
+        "compute_cov_determinant",
+        "compute_cov_trace",
+        "compute_diag_trace",
+        "compute_intrinsic_dimensionality",
+        "compute_saturation",
+    ),
+    "delve.torch_utils": ("TorchCovarianceMatrix",),
+    "delve.pca_layers": (
+        "Conv2DPCALayer",
+        "LinearPCALayer",
+        "change_all_pca_layer_thresholds",
+        "change_all_pca_layer_thresholds_and_inject_random_directions",
+    ),
+    "delve.tools": ("reconstruct_csv_from_npy_data",),
+}
+
+
+def _named_parameters(obj: Any) -> list[str]:
+    """The parameter names of a function or a class's ``__init__``, without ``*args`` / ``**kwargs``."""
+    signature = inspect.signature(obj.__init__ if inspect.isclass(obj) else obj)
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return [name for name, p in signature.parameters.items() if p.kind not in variadic]
+
+
+@pytest.mark.parametrize("module", sorted(DELVE_NAMES))
+def test_every_delve_name_has_a_drop_in_with_delves_arguments(module: str) -> None:
+    theirs = pytest.importorskip(module)
+    for name in DELVE_NAMES[module]:
+        reference, ours = getattr(theirs, name), getattr(pipelines.dropin, name)
+        if isinstance(reference, dict):
+            assert list(ours) == list(reference), name
+        else:
+            expected = _named_parameters(reference)
+            assert _named_parameters(ours)[: len(expected)] == expected, name
     assert CheckLayerSat is SaturationTracker
-    ours = list(inspect.signature(SaturationTracker.__init__).parameters)
-    theirs = list(inspect.signature(delve_tc.SaturationTracker.__init__).parameters)
-    assert ours[: len(theirs)] == theirs
     assert inspect.signature(SaturationTracker.__init__).parameters["device"].default is None
-    for name in pipelines.__all__:
-        assert getattr(pipelines, name) is not None, name
-    assert {"SaturationTracker", "CheckLayerSat", "CSVWriter", "NPYWriter", "get_writer", "WRITERS"} <= set(
-        pipelines.__all__
-    )
-    assert {"LinearPCALayer", "reconstruct_csv_from_npy_data", "compute_saturation"} <= set(pipelines.__all__)
 
 
 # -- metrics against delve.metrics ---------------------------------------------------------------
@@ -510,12 +531,3 @@ def test_a_writer_written_for_delve_is_used_as_is(tmp_path):
     tracker.add_saturations()
     tracker.close()
     pd.testing.assert_frame_equal(_csv(tmp_path / "theirs"), _csv(tmp_path / "run"))
-
-
-@pytest.mark.parametrize("module", ["pipelines.tracker", "pipelines.metrics"])
-def test_doctests(module: str) -> None:
-    import doctest
-    import importlib
-
-    failed, attempted = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
-    assert attempted > 0 and failed == 0

@@ -9,7 +9,7 @@ same file names, the same values) and the exact sequence of writer calls.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +17,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import OracleNet
 from torch import nn
 
-from pipelines import SaturationTracker
-from pipelines.writers import AbstractWriter
+from pipelines import AbstractWriter, SaturationTracker
 
 delve_tc = pytest.importorskip("delve.torchcallback")
 delve_writers = pytest.importorskip("delve.writers")
@@ -28,13 +28,8 @@ delve_writers = pytest.importorskip("delve.writers")
 ALL_STATS = ["lsat", "idim", "trc", "dtrc", "det", "cov"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models run many times faster on one thread than on several competing ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models run many times faster on one thread than on several competing ones.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 RTOL = 1e-9
@@ -42,22 +37,6 @@ RTOL_DET = 1e-6
 
 
 # -- models --------------------------------------------------------------------------------------
-
-
-class ConvSeqNet(nn.Module):
-    """Conv2d -> Linear -> LSTM (batch first) -> Linear on the sequence: every delve path."""
-
-    def __init__(self, side: int = 8, channels: int = 4) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, channels, 3, padding=1)
-        self.fc = nn.Linear(channels * side * side, 6)
-        self.lstm = nn.LSTM(6, 5, batch_first=True)
-        self.head = nn.Linear(5, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc(torch.relu(self.conv(x)).flatten(1))
-        seq, _ = self.lstm(h[:, None, :].repeat(1, 3, 1))
-        return self.head(seq)[:, -1, :]
 
 
 class ConvNet(nn.Module):
@@ -101,9 +80,9 @@ class MLP(nn.Module):
 
 # (model, sample shape, tracker arguments, epochs, train batch, eval batch)
 CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], dict[str, Any], int, int, int]] = {
-    "conv-linear-lstm": (ConvSeqNet, (1, 8, 8), {"stats": ALL_STATS}, 2, 16, 32),
+    "conv-linear-lstm": (OracleNet, (1, 8, 8), {"stats": ALL_STATS}, 2, 16, 32),
     "sampling": (
-        ConvSeqNet,
+        OracleNet,
         (1, 8, 8),
         {"stats": ["idim", "lsat", "trc"], "log_interval": 3, "max_samples": 20},
         3,
@@ -138,7 +117,7 @@ CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], dict[str, Any],
     ),
     "conv-mean": (ConvNet, (1, 16, 16), {"stats": ALL_STATS, "conv_method": "mean"}, 2, 12, 24),
     "conv-flatten": (
-        lambda: ConvSeqNet(side=4, channels=2),
+        lambda: OracleNet(side=4, channels=2),
         (1, 4, 4),
         {"stats": ["lsat", "idim", "trc", "cov"], "conv_method": "flatten"},
         2,

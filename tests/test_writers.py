@@ -1,4 +1,4 @@
-"""pipelines.writers and pipelines.npy_tools against delve 0.1.50's writers and tools.
+"""The drop-in writers, plots and npy tools (:mod:`pipelines.dropin`) against delve 0.1.50's writers and tools.
 
 delve's writers and ours get the same calls, in the order delve's SaturationTracker makes
 them (``add_scalar('epoch', e)``, then one ``add_scalars(prefix='', value_dict=...,
@@ -24,9 +24,8 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from matplotlib import pyplot as plt  # noqa: E402
 
-from pipelines import npy_tools, writers  # noqa: E402
-from pipelines.npy_tools import reconstruct_csv_from_npy_data  # noqa: E402
-from pipelines.writers import (  # noqa: E402
+from pipelines import (  # noqa: E402
+    STATMAP,
     WRITERS,
     AbstractWriter,
     CompositWriter,
@@ -35,11 +34,11 @@ from pipelines.writers import (  # noqa: E402
     NPYWriter,
     PrintWriter,
     TensorBoardWriter,
+    extract_layer_stat,
     get_writer,
+    plot_stat,
+    reconstruct_csv_from_npy_data,
 )
-
-# delve's NPYWriter.save leaves epoch_counter.pkl open (a ResourceWarning from delve, not from us)
-_DELVE_LEAKS_FILES = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 LAYERS = (("conv", 4), ("features-0_fc", 6))  # a layer name with "_" in it
 ALL_STATS = ("lsat", "idim", "trc", "dtrc", "det", "cov")
@@ -84,7 +83,7 @@ def _delve_values(phase: str, layer: str, cov: np.ndarray, stats=ALL_STATS, thre
         "trc": lambda: metrics.compute_cov_trace(c),
         "dtrc": lambda: metrics.compute_diag_trace(c),
     }
-    return {f"{phase}-{writers.STATMAP[s]}_{layer}": compute[s]() for s in stats}
+    return {f"{phase}-{STATMAP[s]}_{layer}": compute[s]() for s in stats}
 
 
 def _emit(ws, covs, stats=ALL_STATS, first_epoch: int = 0) -> None:
@@ -119,7 +118,6 @@ def test_csv_matches_delve(tmp_path, dw):
     assert len(ours.splitlines()) == 4
 
 
-@_DELVE_LEAKS_FILES
 def test_npy_matches_delve(tmp_path, dw):
     covs = _covariances(2)
     _emit([NPYWriter(str(tmp_path / "ours")), dw.NPYWriter(str(tmp_path / "delve"))], covs)
@@ -195,10 +193,9 @@ def test_npy_zip_next_to_folder(tmp_path, monkeypatch):
 
 def test_registry_matches_delve(dw):
     assert {k: v.__name__ for k, v in WRITERS.items()} == {k: v.__name__ for k, v in dw.WRITERS.items()}
-    assert writers.STATMAP == dw.STATMAP
+    assert STATMAP == dw.STATMAP
 
 
-@_DELVE_LEAKS_FILES
 def test_get_writer_list_matches_delve(tmp_path, dw):
     ours = get_writer(["csv", "npy"], {"savepath": str(tmp_path / "ours")})
     assert isinstance(ours, CompositWriter)
@@ -443,26 +440,26 @@ def test_extract_layer_stat_matches_delve(dw):
         }
     )
     for mode in ("train", "eval"):
-        ours = npy_tools.extract_layer_stat(df, epoch=1, primary_metric="epoch", state_mode=mode)
+        ours = extract_layer_stat(df, epoch=1, primary_metric="epoch", state_mode=mode)
         theirs = dw.extract_layer_stat(df, epoch=1, primary_metric="epoch", state_mode=mode)
         pd.testing.assert_frame_equal(ours[0], theirs[0])
         assert ours[1] == theirs[1]
-    last, _ = npy_tools.extract_layer_stat(df)  # epoch=-1: the last row
+    last, _ = extract_layer_stat(df)  # epoch=-1: the last row
     assert last.to_dict("list") == {"train-saturation_a": [0.2], "train-saturation_b_1": [0.4]}
     # a layer whose name contains the other phase's name is not mixed in
     tricky = pd.DataFrame({"eval-saturation_pretrained": [0.1], "train-saturation_x": [0.2]})
-    assert list(npy_tools.extract_layer_stat(tricky, state_mode="train")[0].columns) == ["train-saturation_x"]
+    assert list(extract_layer_stat(tricky, state_mode="train")[0].columns) == ["train-saturation_x"]
     with pytest.raises(ValueError, match="Epoch 7"):
-        npy_tools.extract_layer_stat(df, epoch=7)
+        extract_layer_stat(df, epoch=7)
 
 
 def test_plot_stat_signature_and_output(tmp_path, dw):
-    ours = inspect.signature(npy_tools.plot_stat).parameters
+    ours = inspect.signature(plot_stat).parameters
     theirs = inspect.signature(dw.plot_stat).parameters
     assert list(ours)[: len(theirs)] == list(theirs)
     assert {k: p.default for k, p in ours.items() if k in theirs} == {k: p.default for k, p in theirs.items()}
     row = pd.DataFrame({"train-saturation_a": [0.2], "train-saturation_b_1": [0.4]}, index=[3])
-    ax = npy_tools.plot_stat(row, "lsat", savepath=str(tmp_path / "run.csv"), epoch=3)
+    ax = plot_stat(row, "lsat", savepath=str(tmp_path / "run.csv"), epoch=3)
     assert (tmp_path / "run_lsat_train_epoch_3.png").exists()
     assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b_1"]
     assert ax.get_ylabel() == "saturation" and ax.get_title() == "run epoch: 3"

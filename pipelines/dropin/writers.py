@@ -1,4 +1,4 @@
-"""delve-compatible result writers: CSV, npy folders, plots, TensorBoard and the console.
+"""delve-compatible result writers: CSV, npy folders, CSV with plots, TensorBoard and the console.
 
 A writer receives the values a saturation tracker computes, one call per value
 (:meth:`AbstractWriter.add_scalar`) or per layer (:meth:`AbstractWriter.add_scalars`),
@@ -15,7 +15,11 @@ for delve works unchanged:
   tracker's values (prefix ``''``) land in e.g.
   ``savepath/_train-saturation_conv/_train-saturation_conv_epoch0.npy``;
 - ``plot``: the CSV plus ``<savepath>_<stat>_<mode>_epoch_<row>.png`` per statistic and
-  phase (the last row's values against layer position).
+  phase (the last row's values against layer position, drawn by
+  :mod:`pipelines.dropin.plotting`).
+
+The file formats themselves (value names, the ``;`` CSV, ``epoch_counter.pkl``) are
+:mod:`pipelines.dropin.formats`, shared with the npy tools.
 
 Resuming
 --------
@@ -39,22 +43,18 @@ Differences from delve 0.1.50 (bugs fixed; outputs are otherwise identical)
 - The plot writer applies ``plot_manipulation_func`` (delve stored and ignored it),
   re-detects statistics on every save, skips a phase that has no column for a statistic
   (delve saved an empty figure) and plots the latest embedded samples (delve plotted the
-  first ones). Plots use matplotlib's object API with the Agg canvas, never pyplot.
+  first ones). Plots use matplotlib's object API with the Agg canvas, never pyplot
+  (see :mod:`pipelines.dropin.plotting` for the plots' own fixes).
 - ``TensorBoardWriter`` logs each value as its own scalar tag with a step counter per
   tag (or the ``global_step`` given) and skips covariance matrices; delve logged without
   a step and failed on covariance arrays in ``add_scalars``.
-- Layer names containing ``_`` keep their full name in plot labels, and a phase name is
-  matched as the column's prefix (``train-``), not as a substring anywhere in the name.
 """
 
 from __future__ import annotations
 
-import io
 import os
-import pathlib
 import pickle
 import shutil
-import tempfile
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
@@ -63,11 +63,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+
+from analyze.outputs import atomic_write_bytes
+from pipelines.dropin.formats import (
+    COVARIANCE_NAME,
+    STATMAP,
+    load_epoch_counter,
+    pad_front,
+    read_csv_columns,
+    split_column,
+    write_csv,
+)
+from pipelines.dropin.plotting import plot_scatter_from_results, plot_stat_level
 
 __all__ = [
-    "STATMAP",
     "WRITERS",
     "AbstractWriter",
     "CSVWriter",
@@ -76,25 +85,9 @@ __all__ = [
     "NPYWriter",
     "PrintWriter",
     "TensorBoardWriter",
-    "extract_layer_stat",
     "get_writer",
-    "plot_scatter_from_results",
-    "plot_stat",
-    "plot_stat_level_from_results",
 ]
 
-#: Short statistic names (tracker ``stats=``) -> the names used in value names and columns.
-STATMAP: dict[str, str] = {
-    "idim": "intrinsic-dimensionality",
-    "lsat": "saturation",
-    "cov": "covariance-matrix",
-    "det": "covariance-determinant",
-    "trc": "covariance-trace",
-    "dtrc": "diagonal-trace",
-    "embed": "embedded-sample",
-}
-
-_COV = STATMAP["cov"]
 _PHASES = ("train", "eval")
 # Statistics the plot writer draws, in delve's order.
 _PLOTTED_STATS = ("lsat", "idim", "det", "trc", "dtrc")
@@ -109,65 +102,6 @@ def _to_numpy(value: Any) -> Any:
         array = value.detach().cpu().numpy()
         return array[()] if array.ndim == 0 else array
     return value
-
-
-def _atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = os.fspath(path)
-    folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _write_csv(frame: pd.DataFrame, path: str | os.PathLike[str]) -> None:
-    """``frame.to_csv(path, sep=';')``, written atomically."""
-    buffer = io.StringIO()
-    frame.to_csv(buffer, sep=";")
-    _atomic_write_bytes(path, buffer.getvalue().encode("utf-8"))
-
-
-# pandas 3 reads floats back exactly by default and deprecates the argument; pandas 2 needs it.
-_ROUND_TRIP: dict[str, Any] = (
-    {} if int(pd.__version__.split(".")[0]) >= 3 else {"float_precision": "round_trip"}
-)
-
-
-def _read_csv_columns(path: str | os.PathLike[str]) -> dict[str, list[Any]]:
-    """The columns of a delve CSV (index column dropped), values as read back exactly."""
-    frame = pd.read_csv(path, sep=";", index_col=0, **_ROUND_TRIP)
-    return frame.to_dict("list")
-
-
-def _pad_front(columns: Mapping[str, list[Any]]) -> dict[str, list[Any]]:
-    """Pad shorter columns with NaN at the front so all have the longest column's length."""
-    longest = max((len(values) for values in columns.values()), default=0)
-    return {name: [np.nan] * (longest - len(values)) + list(values) for name, values in columns.items()}
-
-
-def _split_column(name: str) -> tuple[str, str, str] | None:
-    """``'train-saturation_conv_1'`` -> ``('train', 'saturation', 'conv_1')``; None if not a stat column.
-
-    A leading ``_`` (delve's npy names for an empty prefix) is ignored.
-    """
-    head, sep, layer = name.lstrip("_").partition("_")
-    mode, dash, statname = head.partition("-")
-    if not sep or not dash or not mode or not statname:
-        return None
-    return mode, statname, layer
-
-
-def _png_path(savepath: str, stat: str, stat_mode: str, epoch: Any) -> str:
-    """delve's plot name: a ``.csv`` suffix becomes ``_<stat>_<mode>_epoch_<epoch>.png``."""
-    if savepath.endswith(".csv"):
-        return savepath[: -len(".csv")] + f"_{stat}_{stat_mode}_epoch_{epoch}.png"
-    return savepath
 
 
 # -- the writers -------------------------------------------------------------------------------
@@ -296,19 +230,20 @@ class CSVWriter(AbstractWriter):
     Examples
     --------
     >>> import os, tempfile
+    >>> from pathlib import Path
     >>> run = os.path.join(tempfile.mkdtemp(), "run")
     >>> w = CSVWriter(run)
     >>> w.add_scalar("epoch", 0)
     >>> w.add_scalars(prefix="", value_dict={"train-saturation_lin": 0.5})
     >>> w.save()
-    >>> print(pathlib.Path(run + ".csv").read_text(), end="")
+    >>> print(Path(run + ".csv").read_text(), end="")
     ;epoch;train-saturation_lin
     0;0;0.5
     >>> w2 = CSVWriter(run, resume=True)
     >>> w2.add_scalar("epoch", 1)
     >>> w2.add_scalars(prefix="", value_dict={"train-saturation_lin": 0.25})
     >>> w2.save()
-    >>> print(pathlib.Path(run + ".csv").read_text(), end="")
+    >>> print(Path(run + ".csv").read_text(), end="")
     ;epoch;train-saturation_lin
     0;0;0.5
     1;1;0.25
@@ -336,7 +271,7 @@ class CSVWriter(AbstractWriter):
         self.epoch_counter = initial_epoch
         if not self._check_savestate_ok(self.csv_path):
             return
-        self.value_dict = _read_csv_columns(self.csv_path)
+        self.value_dict = read_csv_columns(self.csv_path)
         rows = max((len(v) for v in self.value_dict.values()), default=0)
         if initial_epoch and rows != initial_epoch:
             warnings.warn(
@@ -346,7 +281,7 @@ class CSVWriter(AbstractWriter):
             )
 
     def add_scalar(self, name: str, value: Any, **kwargs: Any) -> None:
-        if _COV in name:
+        if COVARIANCE_NAME in name:
             return
         self.value_dict.setdefault(name, []).append(_to_numpy(value))
 
@@ -359,10 +294,10 @@ class CSVWriter(AbstractWriter):
 
     def frame(self) -> pd.DataFrame:
         """The values recorded so far, as the DataFrame that :meth:`save` writes."""
-        return pd.DataFrame.from_dict(_pad_front(self.value_dict))
+        return pd.DataFrame.from_dict(pad_front(self.value_dict))
 
     def save(self) -> None:
-        _write_csv(self.frame(), self.csv_path)
+        write_csv(self.frame(), self.csv_path)
 
     def close(self) -> None:
         pass
@@ -413,7 +348,7 @@ class NPYWriter(AbstractWriter):
     def resume_from_saved_state(self, initial_epoch: int) -> None:
         """Load the write counters, so that new files continue the numbering."""
         if self._check_savestate_ok(self.counter_path):
-            self.epoch_counter = _load_epoch_counter(self.counter_path)
+            self.epoch_counter = load_epoch_counter(self.counter_path)
 
     def _update_epoch_counter(self, name: str) -> int:
         self.epoch_counter[name] = self.epoch_counter[name] + 1 if name in self.epoch_counter else 0
@@ -426,7 +361,7 @@ class NPYWriter(AbstractWriter):
 
     def add_scalar(self, name: str, value: Any, **kwargs: Any) -> None:
         value = _to_numpy(value)
-        if _COV in name:
+        if COVARIANCE_NAME in name:
             value = np.asarray(value, dtype=np.float64)
         epoch = self._update_epoch_counter(name)
         np.save(self._get_and_create_savepath(name, epoch), value)
@@ -440,7 +375,7 @@ class NPYWriter(AbstractWriter):
 
     def save(self) -> None:
         os.makedirs(self.savepath, exist_ok=True)
-        _atomic_write_bytes(self.counter_path, pickle.dumps(self.epoch_counter))
+        atomic_write_bytes(self.counter_path, pickle.dumps(self.epoch_counter))
         if self.zip:
             root = os.path.abspath(self.savepath)
             shutil.make_archive(
@@ -452,22 +387,6 @@ class NPYWriter(AbstractWriter):
 
     def close(self) -> None:
         pass
-
-
-class _CounterUnpickler(pickle.Unpickler):
-    """Unpickle ``epoch_counter.pkl`` (a dict of str -> int) and nothing else."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        raise pickle.UnpicklingError(f"epoch_counter.pkl may not reference {module}.{name}")
-
-
-def _load_epoch_counter(path: str | os.PathLike[str]) -> dict[str, int]:
-    """The ``{value name: last epoch written}`` dict that :class:`NPYWriter` saves."""
-    with open(path, "rb") as handle:
-        counter = _CounterUnpickler(handle).load()
-    if not isinstance(counter, dict):
-        raise ValueError(f"{path}: expected a dict of counters, got {type(counter).__name__}")
-    return {str(k): int(v) for k, v in counter.items()}
 
 
 class PrintWriter(AbstractWriter):
@@ -555,7 +474,7 @@ class TensorBoardWriter(AbstractWriter):
         return step if global_step is None else global_step
 
     def add_scalar(self, name: str, value: Any, global_step: Any = None, **kwargs: Any) -> None:
-        if _COV in name:
+        if COVARIANCE_NAME in name:
             return
         self.writer.add_scalar(name, _to_numpy(value), global_step=self._step(name, global_step))
 
@@ -610,7 +529,7 @@ class CSVandPlottingWriter(CSVWriter):
 
     def _look_for_stats(self) -> None:
         """``self.stats`` = ``'<stat>_<mode>'`` for each statistic and phase with a column."""
-        present = {parts[:2] for parts in map(_split_column, self.value_dict) if parts is not None}
+        present = {parts[:2] for parts in map(split_column, self.value_dict) if parts is not None}
         self.stats = [
             f"{stat}_{mode}"
             for stat in _PLOTTED_STATS
@@ -637,9 +556,9 @@ class CSVandPlottingWriter(CSVWriter):
     def save(self) -> None:
         self._look_for_stats()
         frame = self.frame()
-        _write_csv(frame, self.csv_path)
+        write_csv(frame, self.csv_path)
         for stat in self.stats:
-            _plot_stat_level(
+            plot_stat_level(
                 frame,
                 self.csv_path,
                 epoch=-1,
@@ -712,287 +631,4 @@ def get_writer(
     raise ValueError(
         f"Illegal argument for save_to {save_to!r}: expected a writer name ({', '.join(sorted(WRITERS))}), "
         "an AbstractWriter or a list of these"
-    )
-
-
-# -- plots ---------------------------------------------------------------------------------------
-
-
-def extract_layer_stat(
-    df: pd.DataFrame,
-    epoch: int = -1,
-    primary_metric: str | None = None,
-    stat: str = "saturation",
-    state_mode: str = "train",
-) -> tuple[pd.DataFrame, Any]:
-    """One row of a delve result table, restricted to one statistic and phase.
-
-    Parameters
-    ----------
-    df : pandas.DataFrame
-        A table as written by :class:`CSVWriter` (read with or without ``index_col=0``).
-    epoch : int
-        Index value of the row; -1 for the last row (delve's default was 19).
-    primary_metric : str, optional
-        A column whose value in that row is returned as well.
-    stat : str
-        Matched as a substring of the statistic part of the column names
-        (``'saturation'``, ``'intrinsic-dimensionality'``, ...).
-    state_mode : str
-        The phase, ``'train'`` or ``'eval'``: columns ``'<state_mode>-...'``.
-
-    Returns
-    -------
-    epoch_df : pandas.DataFrame
-        One row, the matching columns in table order.
-    pm : object
-        The primary metric's value, or None.
-
-    Raises
-    ------
-    ValueError
-        If ``epoch`` is not an index value of ``df``.
-
-    Examples
-    --------
-    >>> df = pd.DataFrame({"epoch": [0, 1], "train-saturation_a": [0.1, 0.2], "eval-saturation_a": [0.3, 0.4]})
-    >>> row, pm = extract_layer_stat(df, epoch=-1, primary_metric="epoch")
-    >>> row.to_dict("list"), int(pm)
-    ({'train-saturation_a': [0.2]}, 1)
-    """
-    if epoch == -1:
-        epoch = df.index.values[-1]
-    cols = []
-    for col in df.columns:
-        parts = _split_column(str(col))
-        if parts is not None and parts[0] == state_mode and stat in parts[1] and "accuracy" not in str(col):
-            cols.append(col)
-    if not np.any(df.index.values == epoch):
-        raise ValueError(f"Epoch {epoch} was not recorded; the table has the indices {list(df.index.values)}")
-    epoch_df = df[df.index.values == epoch]
-    pm = None if primary_metric is None else epoch_df[primary_metric].values[0]
-    return epoch_df[cols], pm
-
-
-def plot_stat(
-    df: pd.DataFrame,
-    stat: str,
-    pm: Any = -1,
-    savepath: str = "run.png",
-    epoch: Any = 0,
-    primary_metric: str | None = None,
-    fontsize: float = 16,
-    figsize: tuple[float, float] | None = None,
-    line: bool = True,
-    scatter: bool = True,
-    ylim: tuple[float, float] | None = (0, 1.0),
-    alpha_line: float = 0.6,
-    alpha_scatter: float = 1.0,
-    color_line: Any = None,
-    color_scatter: Any = None,
-    primary_metric_loc: tuple[float, float] = (0.7, 0.8),
-    show_col_label_x: bool = True,
-    show_col_label_y: bool = True,
-    show_grid: bool = True,
-    save: bool = True,
-    samples: bool = False,
-    stat_mode: str = "train",
-    plot_manipulation_func: Callable[[Axes], Axes] | None = None,
-) -> Axes:
-    """Plot the first row of ``df`` (one value per layer) against layer position.
-
-    Parameters
-    ----------
-    df : pandas.DataFrame
-        Usually the row from :func:`extract_layer_stat`; with ``samples=True`` a table
-        whose first cell is a list of ``(x, y)`` points.
-    stat : str
-        Short name (``'lsat'``) or label of the statistic; the y label is its long name.
-    pm : object
-        Value of the primary metric, printed at ``primary_metric_loc`` (data coordinates)
-        when ``primary_metric`` is given.
-    savepath : str
-        A path ending in ``.csv`` saves to ``<stem>_<stat>_<stat_mode>_epoch_<epoch>.png``;
-        any other path is used as is.
-    epoch : object
-        Shown in the title and the file name; -1 means the last index of ``df``.
-    figsize : (float, float), optional
-        Figure size in inches; matplotlib's default when None.
-    line, scatter : bool
-        Draw a line, markers, or both.
-    ylim : (float, float), optional
-        y range; automatic when None.
-    save : bool
-        Write the PNG.
-    samples : bool
-        Scatter the points of ``df``'s first cell instead of per-layer values.
-    plot_manipulation_func : callable, optional
-        Called with the ``Axes`` before saving (not in delve's signature).
-
-    Other parameters (``fontsize``, ``alpha_*``, ``color_*``, ``show_*``,
-    ``primary_metric``, ``stat_mode``) are delve's, with the same meaning.
-
-    Returns
-    -------
-    matplotlib.axes.Axes
-        The plot's axes (on a figure with an Agg canvas; no pyplot state is touched).
-        A row of only NaN values gives an empty, unsaved plot.
-    """
-    if epoch == -1:
-        epoch = df.index.values[-1]
-    fig = Figure(figsize=figsize)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    col_names = [str(c) for c in df.columns]
-    first = df.values[0] if len(df) else np.array([])
-    if not samples and len(first) > 0:
-        try:
-            if np.all(np.isnan(first.astype(np.float64))):
-                return ax
-        except (TypeError, ValueError):
-            warnings.warn(
-                "Could not check the values for NaN, likely because they are not numbers; "
-                "plotting them may fail or give inconsistent results",
-                stacklevel=2,
-            )
-    positions = list(range(len(col_names)))
-    if line and not samples:
-        ax.plot(positions, first, alpha=alpha_line, color=color_line)
-    if scatter:
-        if samples:
-            for sample in first[0] if len(first) else []:
-                ax.scatter(float(sample[0]), float(sample[1]), alpha=alpha_scatter, color=color_scatter)
-        else:
-            ax.scatter(positions, first, alpha=alpha_scatter, color=color_scatter)
-    if not samples:
-        ax.set_xticks(positions, [name.lstrip("_").split("_", 1)[-1] for name in col_names], rotation=90)
-    if ylim is not None:
-        ax.set_ylim(ylim)
-    if primary_metric is not None:
-        ax.text(primary_metric_loc[0], primary_metric_loc[1], f"{primary_metric}: {pm}")
-    ax.tick_params(axis="y", labelsize=fontsize)
-    if show_col_label_x:
-        ax.set_xlabel("layers", fontsize=fontsize)
-    ax.set_title(
-        pathlib.Path(savepath).name.replace("_", " ").replace(".csv", f" epoch: {epoch}"), fontsize=fontsize
-    )
-    if show_col_label_y:
-        ax.set_ylabel(STATMAP.get(stat, stat), rotation="vertical", fontsize=fontsize)
-    if show_grid:
-        ax.grid()
-    fig.tight_layout()
-    if plot_manipulation_func is not None:
-        ax = plot_manipulation_func(ax)
-    if save:
-        fig.savefig(_png_path(savepath, stat, stat_mode, epoch))
-    return ax
-
-
-def _plot_stat_level(
-    df: pd.DataFrame,
-    savepath: str,
-    epoch: Any,
-    stat: str,
-    stat_mode: str = "train",
-    ylim: Any = "auto",
-    **kwargs: Any,
-) -> Axes:
-    """Plot one statistic and phase of a result table; ``stat`` may be ``'lsat_eval'``."""
-    if "_" in stat:
-        stat, stat_mode = stat.split("_")
-    if epoch == -1:
-        epoch = df.index.values[-1]
-    epoch_df, pm = extract_layer_stat(
-        df, stat=STATMAP[stat], epoch=epoch, primary_metric=kwargs.get("primary_metric"), state_mode=stat_mode
-    )
-    if isinstance(ylim, str):
-        ylim = (0, 1.0) if stat == "lsat" else None
-    return plot_stat(
-        df=epoch_df,
-        pm=pm,
-        savepath=savepath,
-        epoch=epoch,
-        stat=stat,
-        ylim=ylim,
-        stat_mode=stat_mode,
-        **kwargs,
-    )
-
-
-def plot_stat_level_from_results(
-    savepath: str,
-    epoch: int,
-    stat: str,
-    primary_metric: str | None = None,
-    fontsize: float = 16,
-    figsize: tuple[float, float] | None = None,
-    line: bool = True,
-    scatter: bool = True,
-    ylim: tuple[float, float] | None = (0, 1.0),
-    alpha_line: float = 0.6,
-    alpha_scatter: float = 1.0,
-    color_line: Any = None,
-    color_scatter: Any = None,
-    primary_metric_loc: tuple[float, float] = (0.7, 0.8),
-    show_col_label_x: bool = True,
-    show_col_label_y: bool = True,
-    show_grid: bool = True,
-    save: bool = True,
-    stat_mode: str = "train",
-) -> Axes:
-    """Plot one statistic of a delve CSV file, as the plot writer does.
-
-    Parameters
-    ----------
-    savepath : str
-        The CSV file; the PNG is saved next to it (see :func:`plot_stat`).
-    epoch : int
-        Row index; -1 for the last row.
-    stat : str
-        Short name (``'lsat'``), or ``'<stat>_<mode>'`` (``'idim_eval'``), which sets
-        ``stat_mode``.
-
-    Notes
-    -----
-    As in delve, ``ylim`` is ignored: (0, 1) for lsat, automatic otherwise. The other
-    parameters are passed to :func:`plot_stat`.
-    """
-    df = pd.read_csv(savepath, sep=";", index_col=0)
-    return _plot_stat_level(
-        df,
-        savepath,
-        epoch=epoch,
-        stat=stat,
-        stat_mode=stat_mode,
-        primary_metric=primary_metric,
-        fontsize=fontsize,
-        figsize=figsize,
-        line=line,
-        scatter=scatter,
-        alpha_line=alpha_line,
-        alpha_scatter=alpha_scatter,
-        color_line=color_line,
-        color_scatter=color_scatter,
-        primary_metric_loc=primary_metric_loc,
-        show_col_label_x=show_col_label_x,
-        show_col_label_y=show_col_label_y,
-        show_grid=show_grid,
-        save=save,
-    )
-
-
-def plot_scatter_from_results(savepath: str, epoch: Any, stat: str, df: pd.DataFrame) -> Axes | None:
-    """Scatter the latest recorded sample points (``embed``); None if there are none."""
-    if len(df) == 0:
-        return None
-    stat = stat.split("_")[0]
-    return plot_stat(
-        df=df.iloc[[-1]] if epoch == -1 else df.loc[[epoch]],
-        savepath=savepath,
-        epoch=epoch,
-        stat=stat,
-        line=False,
-        save=True,
-        samples=True,
-        ylim=None,
     )

@@ -1,12 +1,12 @@
 """Rebuild delve's result CSV from an npy-writer folder, optionally at a new threshold.
 
 :func:`reconstruct_csv_from_npy_data` is delve 0.1.50's ``delve.tools`` function of the
-same name: it reads the folder that :class:`~pipelines.writers.NPYWriter` writes
+same name: it reads the folder that :class:`~pipelines.dropin.writers.NPYWriter` writes
 (``<folder>/<name>/<name>_epoch<k>.npy``) and returns, and optionally saves, the table the
 CSV writer would have written. With a threshold it recomputes the thresholded statistics
 from the stored covariance matrices (``stats=['cov']`` during training) instead of
-reading them, without the activations. :func:`extract_layer_stat` and :func:`plot_stat`
-(delve's plotting helpers, defined in :mod:`pipelines.writers`) are re-exported here.
+reading them, without the activations. delve's plotting helpers of ``delve.tools``
+(``extract_layer_stat``, ``plot_stat``) are in :mod:`pipelines.dropin.plotting`.
 
 Differences from delve 0.1.50 (its bugs, fixed)
 -----------------------------------------------
@@ -48,20 +48,16 @@ from analyze.stats import (
     compute_stat,
     spectrum_of,
 )
-from pipelines.writers import (
-    _COV,
+from pipelines.dropin.formats import (
+    COVARIANCE_NAME,
     STATMAP,
-    _load_epoch_counter,
-    _pad_front,
-    _split_column,
-    _write_csv,
-    extract_layer_stat,
-    plot_stat,
+    load_epoch_counter,
+    pad_front,
+    split_column,
+    write_csv,
 )
 
 __all__ = [
-    "extract_layer_stat",
-    "plot_stat",
     "read_npy_folder",
     "reconstruct_csv_from_npy_data",
 ]
@@ -77,7 +73,7 @@ def _long_name(stat: str) -> str:
 
 
 def read_npy_folder(npywriter_out_path: str | os.PathLike[str]) -> dict[str, list[Path]]:
-    """The npy files of an :class:`~pipelines.writers.NPYWriter` folder, by value name.
+    """The npy files of an :class:`~pipelines.dropin.writers.NPYWriter` folder, by value name.
 
     Parameters
     ----------
@@ -94,7 +90,7 @@ def read_npy_folder(npywriter_out_path: str | os.PathLike[str]) -> dict[str, lis
     Examples
     --------
     >>> import tempfile
-    >>> from pipelines.writers import NPYWriter
+    >>> from pipelines import NPYWriter
     >>> run = os.path.join(tempfile.mkdtemp(), "run")
     >>> w = NPYWriter(run)
     >>> for e in range(2):
@@ -115,7 +111,7 @@ def read_npy_folder(npywriter_out_path: str | os.PathLike[str]) -> dict[str, lis
         if epochs:
             found[folder.name] = [f for _, f in sorted(epochs)]
     counter_path = root / "epoch_counter.pkl"
-    order = list(_load_epoch_counter(counter_path)) if counter_path.exists() else []
+    order = list(load_epoch_counter(counter_path)) if counter_path.exists() else []
     first = [name for name in order if name in found]
     return {name: found[name] for name in first + [n for n in found if n not in first]}
 
@@ -165,7 +161,7 @@ def reconstruct_csv_from_npy_data(
     Returns
     -------
     pandas.DataFrame
-        One row per epoch, one column per value, as :class:`~pipelines.writers.CSVWriter`
+        One row per epoch, one column per value, as :class:`~pipelines.dropin.writers.CSVWriter`
         names and orders them.
 
     Raises
@@ -179,7 +175,7 @@ def reconstruct_csv_from_npy_data(
     Examples
     --------
     >>> import tempfile
-    >>> from pipelines.writers import NPYWriter
+    >>> from pipelines import NPYWriter
     >>> run = os.path.join(tempfile.mkdtemp(), "run")
     >>> w = NPYWriter(run)
     >>> w.add_scalars(prefix="", value_dict={
@@ -200,32 +196,32 @@ def reconstruct_csv_from_npy_data(
     columns: dict[str, list[Any]] = {}
 
     if thresh is None:
-        present = {parts[1] for parts in map(_split_column, files) if parts is not None}
+        present = {parts[1] for parts in map(split_column, files) if parts is not None}
         for stat in stats:
             if _long_name(stat) not in present:
                 warnings.warn(
                     f"No .npy file was found for {_long_name(stat)}, stat will not be included", stacklevel=2
                 )
         for name, paths in files.items():
-            if _COV not in name:
+            if COVARIANCE_NAME not in name:
                 columns.setdefault(_column_name(name), [_load_value(p) for p in paths])
     else:
         thresh = check_threshold(thresh, "thresh")
-        cov_names = [name for name in files if _COV in name]
+        cov_names = [name for name in files if COVARIANCE_NAME in name]
         if not cov_names:
             raise FileNotFoundError("Covariance Matrix was not found, recomputation impossible")
         recomputed: dict[str, dict[str, list[Any]]] = {}  # cov name -> {column: values}
         for name in cov_names:
             spectra = [spectrum_of(np.load(p)) for p in files[name]]
             recomputed[name] = {
-                _column_name(name).replace(_COV, _long_name(stat)): [
+                _column_name(name).replace(COVARIANCE_NAME, _long_name(stat)): [
                     _recomputed_value(stat, s, thresh, semantics) for s in spectra
                 ]
                 for stat in stats
             }
         by_column = {col: values for block in recomputed.values() for col, values in block.items()}
         for name, paths in files.items():
-            if _COV in name:
+            if COVARIANCE_NAME in name:
                 for col, values in recomputed[name].items():
                     columns.setdefault(col, values)
                 continue
@@ -235,7 +231,7 @@ def reconstruct_csv_from_npy_data(
             else:
                 columns.setdefault(col, [_load_value(p) for p in paths])
 
-    result = pd.DataFrame.from_dict(_pad_front(columns))
+    result = pd.DataFrame.from_dict(pad_front(columns))
     if savefile is not None:
-        _write_csv(result, savefile)
+        write_csv(result, savefile)
     return result

@@ -3,7 +3,7 @@
 The tracker is a thin shell: the forward hooks, the reshaping rules and the float64 gram
 moments are :class:`capture.Recorder`'s (``mode="gram"``), the statistics are
 :mod:`analyze.stats`' and the files are written by the delve-compatible writers of
-:mod:`pipelines.writers`. Without ``store=`` the recorder keeps no store (``path=None``) and
+:mod:`pipelines.dropin.writers`. Without ``store=`` the recorder keeps no store (``path=None``) and
 hands every block of moments to the tracker through its ``on_block`` callback; with
 ``store=`` the same recorder also streams the run to a Zarr store (raw outputs too with
 ``store_mode="both"``) that ``delve-analyze`` can re-analyse later.
@@ -52,7 +52,8 @@ from analyze.stats import (
 from capture.format import BLOCK_KIND_EPOCH, BLOCK_KIND_LAST_CALL, PHASES
 from capture.moments import Moments
 from capture.recorder import GramBlock, Recorder
-from pipelines.writers import STATMAP, AbstractWriter, CompositWriter, NPYWriter, get_writer
+from pipelines.dropin.formats import STATMAP
+from pipelines.dropin.writers import AbstractWriter, CompositWriter, NPYWriter, get_writer
 
 __all__ = ["DELVE_LAYER_TYPES", "TRACKER_STATS", "CheckLayerSat", "SaturationTracker"]
 
@@ -197,7 +198,8 @@ class SaturationTracker:
     ...     tracker.add_scalar("epoch", epoch)
     ...     _ = tracker.add_saturations()
     >>> tracker.close()
-    >>> print(open(run + ".csv").readline().strip())
+    >>> with open(run + ".csv") as csv:
+    ...     print(csv.readline().strip())
     ;epoch;train-saturation_0;train-intrinsic-dimensionality_0;train-saturation_2;train-intrinsic-dimensionality_2
     """
 
