@@ -22,7 +22,7 @@ from capture.format import (
     STORAGE_DTYPES,
     CaptureOptions,
 )
-from capture.layers import discover_layers, module_kind, primary_output
+from capture.layers import LayerType, discover_layers, module_kind, primary_output
 from capture.moments import batch_moments, merge_moments, to_numpy
 from capture.reshape import (
     check_conv_method,
@@ -64,6 +64,28 @@ def _one_blas_thread() -> Any:
 
 class CaptureError(RuntimeError):
     """Capture cannot go on (the background writer failed, or the recorder was misused)."""
+
+
+def _too_wide(path: str, name: str, method: str, width: int, layout: str, shape: tuple[int, ...]) -> str:
+    """The message refusing a gram matrix wider than :data:`MAX_GRAM_WIDTH`, with what to use instead."""
+    what = f"the {method!r} matrix is {width} wide"
+    if layout == "sequence" and method == "timestepwise":
+        what = (
+            f"'timestepwise' makes one column per position and feature, {shape[0]} x {shape[-1]} = {width} "
+            "columns"
+        )
+        hint = (
+            "use timeseries_methods=('last_timestep',) (one row per sequence), or leave the layer out with "
+            "layers= / ignore="
+        )
+    elif layout == "conv":
+        hint = "use mode='raw', another conv method, or interpolation with a smaller downsample"
+    else:
+        hint = "use mode='raw', or leave the layer out with layers= / ignore="
+    return (
+        f"{path}: layer {name!r}: {what}; a {width}x{width} float64 moment per block is too large "
+        f"(limit {MAX_GRAM_WIDTH}); {hint}"
+    )
 
 
 def _check_positive_int(value: Any, argument: str, allow_none: bool = False) -> None:
@@ -126,8 +148,10 @@ class Recorder:
     mode : {"raw", "gram", "both"}
         ``raw`` keeps the outputs themselves (any reduction can be chosen later); ``gram`` keeps
         float64 partial moments of each reduction in ``conv_methods`` / ``timeseries_methods``.
-    layer_filter, layers, ignore :
-        Narrow the recorded layers (see :func:`capture.layers.discover_layers`).
+    layer_filter, layers, ignore, layer_types :
+        Choose the recorded layers (see :func:`capture.layers.discover_layers`): ``layers`` names or
+        globs any module (a block, a ``LayerNorm``), ``layer_types`` replaces the default types with
+        classes or class names (``"Conv1D"``, ``nn.Embedding``), which need not be imported.
     dtype : {"float32", "float16", "bfloat16"}
         Storage type of raw outputs.
     interpolation, downsample :
@@ -190,6 +214,7 @@ class Recorder:
         layer_filter: Callable[[dict[str, nn.Module]], dict[str, nn.Module]] | None = None,
         layers: Iterable[str] | None = None,
         ignore: Iterable[str] | None = None,
+        layer_types: Iterable[LayerType] | None = None,
         dtype: str = "float32",
         interpolation: str | None = None,
         downsample: int | None = None,
@@ -242,7 +267,9 @@ class Recorder:
         if path is None and mode != "gram":
             raise ValueError("path: a recorder without a store (path=None) needs mode='gram'")
 
-        self.layers = discover_layers(modules, layer_filter=layer_filter, layers=layers, ignore=ignore)
+        self.layers = discover_layers(
+            modules, layer_filter=layer_filter, layers=layers, ignore=ignore, layer_types=layer_types
+        )
         if rank is None or world_size is None:
             dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
             rank = (torch.distributed.get_rank() if dist_on else 0) if rank is None else rank
@@ -308,6 +335,8 @@ class Recorder:
         self._recording = True
         self._closed = False
         self._disabled = False
+        self._called: set[tuple[str, bool]] = set()  # (layer, training) called while recording, this epoch
+        self._warned_uncalled: set[tuple[str, bool]] = set()
         self._handles = [
             module.register_forward_hook(self._make_hook(name)) for name, module in self.layers.items()
         ]
@@ -347,6 +376,7 @@ class Recorder:
         """Close the epoch: flush and commit everything of it. Returns the epoch number closed."""
         self._check()
         epoch = self.epoch
+        self._warn_uncalled(epoch)
         if self._gram:
             for key in list(self._acc):
                 self._flush_block(key, final=True)
@@ -408,6 +438,30 @@ class Recorder:
             pass
 
     # -- internals -----------------------------------------------------------------------------
+    def _warn_uncalled(self, epoch: int) -> None:
+        """Warn once per layer and phase about a layer not called in a phase that other layers ran in."""
+        phases = {training for _, training in self._called}
+        uncalled = [
+            (name, training)
+            for training in (True, False)
+            if training in phases
+            for name in self.layers
+            if (name, training) not in self._called and (name, training) not in self._warned_uncalled
+        ]
+        self._called = set()
+        if not uncalled:
+            return
+        self._warned_uncalled.update(uncalled)
+        names = ", ".join(f"{name!r} ({'train' if training else 'eval'})" for name, training in uncalled)
+        warnings.warn(
+            f"{self.path}: epoch {epoch}: recorded layers never called in a phase the others ran in: {names}; "
+            "nothing of them is stored for it. This usually means that the parent module uses the layer's "
+            "weights directly instead of calling it (a fused or hand-written forward), or that the layer is "
+            "not on the forward path of that phase (an unused head or branch, a training-only module)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
     def _check(self) -> None:
         if self._closed:
             raise CaptureError(f"{self.path}: the recorder is closed")
@@ -446,6 +500,7 @@ class Recorder:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             if not self._recording or self._closed or self._disabled:
                 return
+            self._called.add((name, module.training))
             self._record(name, module, output)
 
         return hook
@@ -472,11 +527,7 @@ class Recorder:
             for method in methods_for_layout(layout, opts.conv_methods, opts.timeseries_methods):
                 width = matrix_width(stored_shape, layout, method)
                 if width > MAX_GRAM_WIDTH:
-                    raise CaptureError(
-                        f"{self.path}: layer {name!r}: the {method!r} matrix is {width} wide, a {width}x{width} "
-                        f"float64 moment per block is too large (limit {MAX_GRAM_WIDTH}); use mode='raw', another "
-                        "method, or interpolation with a smaller downsample"
-                    )
+                    raise CaptureError(_too_wide(self.path, name, method, width, layout, stored_shape))
                 widths[method] = width
         raw_dtype = opts.dtype if self._raw else None
         self._records[name] = rec
