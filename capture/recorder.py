@@ -66,6 +66,12 @@ class CaptureError(RuntimeError):
     """Capture cannot go on (the background writer failed, or the recorder was misused)."""
 
 
+def _epochs(epochs: list[int], verb: str = "") -> str:
+    """``epoch 3 was`` / ``epochs 3, 4 were`` (``verb`` "was" or nothing)."""
+    text = ("epoch " if len(epochs) == 1 else "epochs ") + ", ".join(str(e) for e in epochs)
+    return f"{text} {verb if len(epochs) == 1 else 'were'}" if verb else text
+
+
 def _too_wide(path: str, name: str, method: str, width: int, layout: str, shape: tuple[int, ...]) -> str:
     """The message refusing a gram matrix wider than :data:`MAX_GRAM_WIDTH`, with what to use instead."""
     what = f"the {method!r} matrix is {width} wide"
@@ -177,6 +183,14 @@ class Recorder:
         Memory that may wait for the writer; the training loop waits beyond it.
     resume, overwrite : bool
         Continue an existing store after its last complete epoch / replace it.
+    resume_epoch : int, optional
+        With ``resume``: continue the store at this epoch, as a training resumed from a checkpoint
+        does. Epochs from this one on that the store holds (recorded after the checkpoint by a run
+        that stopped later) are dropped with a warning, so the store matches the resumed training.
+    call_counters : mapping of str to int, optional
+        With ``resume``: each layer's forward-call counter (``log_interval``, the ``call_index``
+        column) to continue from, as :attr:`call_counters` gave it when the checkpoint was written;
+        default: the counters of the store's last commit.
     rank, world_size : int, optional
         This process's part of a multi-process run (defaults from ``torch.distributed``).
     on_error : {"raise", "warn"}
@@ -228,6 +242,8 @@ class Recorder:
         max_queue_bytes: int = 256 * 2**20,
         resume: bool = False,
         overwrite: bool = False,
+        resume_epoch: int | None = None,
+        call_counters: Mapping[str, int] | None = None,
         rank: int | None = None,
         world_size: int | None = None,
         on_error: str = "raise",
@@ -264,6 +280,14 @@ class Recorder:
         make_compressors(compression, 4)  # validates the name
         if resume and overwrite:
             raise ValueError("resume and overwrite: choose one")
+        if (resume_epoch is not None or call_counters is not None) and not resume:
+            raise ValueError("resume_epoch / call_counters: only with resume=True")
+        if resume_epoch is not None and (
+            isinstance(resume_epoch, bool)
+            or not isinstance(resume_epoch, (int, np.integer))
+            or resume_epoch < 0
+        ):
+            raise ValueError(f"resume_epoch: must be an integer >= 0, got {resume_epoch!r}")
         if path is None and mode != "gram":
             raise ValueError("path: a recorder without a store (path=None) needs mode='gram'")
 
@@ -312,6 +336,7 @@ class Recorder:
                 resume=resume,
                 overwrite=overwrite,
                 compression=compression,
+                resume_epoch=None if resume_epoch is None else int(resume_epoch),
             )
             self._writer = BackgroundWriter(max_queue_bytes)
         self._raw = mode in ("raw", "both")
@@ -320,7 +345,11 @@ class Recorder:
         state = self._store.state if self._store is not None else {"epochs_complete": []}
         done = state["epochs_complete"]
         self.epoch = (max(done) + 1) if done else 0
-        self._counters: dict[str, int] = {n: int(c) for n, c in state.get("call_counters", {}).items()}
+        if resume_epoch is not None:
+            self._warn_resume(int(resume_epoch), self._store.dropped_epochs if self._store else [])
+            self.epoch = int(resume_epoch)
+        counters = state.get("call_counters", {}) if call_counters is None else call_counters
+        self._counters: dict[str, int] = {n: int(c) for n, c in counters.items()}
         self._records: dict[str, LayerRecord] = dict(self._store.layers) if self._store is not None else {}
         self._gram_methods: dict[str, tuple[str, ...]] = {n: tuple(r.gram) for n, r in self._records.items()}
         self._next_raw_row = (
@@ -346,6 +375,11 @@ class Recorder:
     def layer_names(self) -> list[str]:
         """Names of the layers that will be (or are) recorded, in model order."""
         return list(self.layers)
+
+    @property
+    def call_counters(self) -> dict[str, int]:
+        """Each layer's forward-call counter (what a checkpoint keeps to resume with ``call_counters``)."""
+        return dict(self._counters)
 
     @property
     def is_recording(self) -> bool:
@@ -438,6 +472,24 @@ class Recorder:
             pass
 
     # -- internals -----------------------------------------------------------------------------
+    def _warn_resume(self, epoch: int, dropped: list[int]) -> None:
+        if dropped:
+            warnings.warn(
+                f"{self.path}: {_epochs(dropped, 'was')} recorded after the checkpoint the training resumes "
+                f"from (at epoch {epoch}): dropped, so that the store matches the resumed training",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        done = set(self._store.state["epochs_complete"]) if self._store is not None else set()
+        missing = [e for e in range(epoch) if e not in done]
+        if missing and self._store is not None:
+            warnings.warn(
+                f"{self.path}: the training resumes at epoch {epoch} but the store lacks {_epochs(missing)} "
+                "(not committed before the run stopped, or the store is new)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
     def _warn_uncalled(self, epoch: int) -> None:
         """Warn once per layer and phase about a layer not called in a phase that other layers ran in."""
         phases = {training for _, training in self._called}
