@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from analyze.stats import check_thresholds
@@ -60,6 +61,20 @@ def jsonable_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], list[s
         except TypeError:
             left_out.append(name)
     return out, left_out
+
+
+@contextlib.contextmanager
+def _first_process_first(rank: int, world_size: int) -> Iterator[None]:
+    """Let process 0 create the store before the others open it (two creating it at once collide)."""
+    dist = torch.distributed
+    together = world_size > 1 and dist.is_available() and dist.is_initialized()
+    if together and rank != 0:
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if together and rank == 0:
+            dist.barrier()
 
 
 class TrainingCapture:
@@ -154,7 +169,7 @@ class TrainingCapture:
                     )
         self._moments = EpochMoments()
         on_block = self._moments if self.log_stats else None
-        with self._warnings():
+        with self._warnings(), _first_process_first(rank, world_size):
             self.recorder = Recorder(
                 model, self.path, rank=rank, world_size=world_size, on_block=on_block, **options
             )

@@ -110,7 +110,7 @@ def test_two_ddp_processes_store_the_statistics_of_one_process(tmp_path):
         str(tmp_path / "b"),
         2,
         [capture],
-        strategy="ddp_fork",
+        strategy="ddp_spawn",
         devices=2,
         logger=logger,
         num_sanity_val_steps=0,
