@@ -130,7 +130,8 @@ class ActivationCapture(CaptureCallback, TrainerCallback, ExportableState):
         if self._capture.log_stats and self._trainer is None:
             raise ValueError(
                 "log_stats: the callback logs through Trainer.log and needs the Trainer: add it with "
-                "ActivationCapture(...).attach(trainer) instead of Trainer(callbacks=[...])"
+                "ActivationCapture(...).attach(trainer) instead of Trainer(callbacks=[...]) (a callback rebuilt "
+                "by restore_callback_states_from_checkpoint=True has lost it: leave that flag off)"
             )
         if self.unsaved_options:
             warnings.warn(

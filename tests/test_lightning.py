@@ -128,6 +128,7 @@ def test_two_ddp_processes_store_the_statistics_of_one_process(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
 def test_killed_fit_resumed_from_an_older_checkpoint_matches_an_uninterrupted_fit(tmp_path):
     store, ckpt = tmp_path / "run.zarr", tmp_path / "ckpt"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -207,7 +208,9 @@ def test_two_stores_have_their_own_checkpoint_state(tmp_path):
     assert a.state_key != b.state_key and str(tmp_path / "a.zarr") in a.state_key
 
 
-@pytest.mark.parametrize("module", ["pipelines.lightning", "pipelines.live_stats", "pipelines.training_capture"])
+@pytest.mark.parametrize(
+    "module", ["pipelines.lightning", "pipelines.live_stats", "pipelines.training_capture"]
+)
 def test_doctests(module, tmp_path, monkeypatch):
     import doctest
     import importlib
