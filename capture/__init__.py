@@ -14,7 +14,7 @@ from capture.format import (
     CaptureOptions,
     StoreFormatError,
 )
-from capture.layers import DEFAULT_LAYER_TYPES, discover_layers
+from capture.layers import DEFAULT_LAYER_TYPE_NAMES, DEFAULT_LAYER_TYPES, discover_layers
 from capture.moments import Moments, batch_moments, merge_moments, tree_merge
 from capture.recorder import CaptureError, GramBlock, Recorder
 from capture.reshape import CONV_METHODS, TIMESERIES_METHODS, to_matrix
@@ -24,6 +24,7 @@ __all__ = [
     "CALL_COLUMNS",
     "CONV_METHODS",
     "DEFAULT_LAYER_TYPES",
+    "DEFAULT_LAYER_TYPE_NAMES",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "PHASES",

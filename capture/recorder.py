@@ -22,7 +22,7 @@ from capture.format import (
     STORAGE_DTYPES,
     CaptureOptions,
 )
-from capture.layers import discover_layers, module_kind, primary_output
+from capture.layers import LayerType, discover_layers, module_kind, primary_output
 from capture.moments import batch_moments, merge_moments, to_numpy
 from capture.reshape import (
     check_conv_method,
@@ -64,6 +64,34 @@ def _one_blas_thread() -> Any:
 
 class CaptureError(RuntimeError):
     """Capture cannot go on (the background writer failed, or the recorder was misused)."""
+
+
+def _epochs(epochs: list[int], verb: str = "") -> str:
+    """``epoch 3 was`` / ``epochs 3, 4 were`` (``verb`` "was" or nothing)."""
+    text = ("epoch " if len(epochs) == 1 else "epochs ") + ", ".join(str(e) for e in epochs)
+    return f"{text} {verb if len(epochs) == 1 else 'were'}" if verb else text
+
+
+def _too_wide(path: str, name: str, method: str, width: int, layout: str, shape: tuple[int, ...]) -> str:
+    """The message refusing a gram matrix wider than :data:`MAX_GRAM_WIDTH`, with what to use instead."""
+    what = f"the {method!r} matrix is {width} wide"
+    if layout == "sequence" and method == "timestepwise":
+        what = (
+            f"'timestepwise' makes one column per position and feature, {shape[0]} x {shape[-1]} = {width} "
+            "columns"
+        )
+        hint = (
+            "use timeseries_methods=('last_timestep',) (one row per sequence), or leave the layer out with "
+            "layers= / ignore="
+        )
+    elif layout == "conv":
+        hint = "use mode='raw', another conv method, or interpolation with a smaller downsample"
+    else:
+        hint = "use mode='raw', or leave the layer out with layers= / ignore="
+    return (
+        f"{path}: layer {name!r}: {what}; a {width}x{width} float64 moment per block is too large "
+        f"(limit {MAX_GRAM_WIDTH}); {hint}"
+    )
 
 
 def _check_positive_int(value: Any, argument: str, allow_none: bool = False) -> None:
@@ -126,8 +154,10 @@ class Recorder:
     mode : {"raw", "gram", "both"}
         ``raw`` keeps the outputs themselves (any reduction can be chosen later); ``gram`` keeps
         float64 partial moments of each reduction in ``conv_methods`` / ``timeseries_methods``.
-    layer_filter, layers, ignore :
-        Narrow the recorded layers (see :func:`capture.layers.discover_layers`).
+    layer_filter, layers, ignore, layer_types :
+        Choose the recorded layers (see :func:`capture.layers.discover_layers`): ``layers`` names or
+        globs any module (a block, a ``LayerNorm``), ``layer_types`` replaces the default types with
+        classes or class names (``"Conv1D"``, ``nn.Embedding``), which need not be imported.
     dtype : {"float32", "float16", "bfloat16"}
         Storage type of raw outputs.
     interpolation, downsample :
@@ -153,6 +183,14 @@ class Recorder:
         Memory that may wait for the writer; the training loop waits beyond it.
     resume, overwrite : bool
         Continue an existing store after its last complete epoch / replace it.
+    resume_epoch : int, optional
+        With ``resume``: continue the store at this epoch, as a training resumed from a checkpoint
+        does. Epochs from this one on that the store holds (recorded after the checkpoint by a run
+        that stopped later) are dropped with a warning, so the store matches the resumed training.
+    call_counters : mapping of str to int, optional
+        With ``resume``: each layer's forward-call counter (``log_interval``, the ``call_index``
+        column) to continue from, as :attr:`call_counters` gave it when the checkpoint was written;
+        default: the counters of the store's last commit.
     rank, world_size : int, optional
         This process's part of a multi-process run (defaults from ``torch.distributed``).
     on_error : {"raise", "warn"}
@@ -190,6 +228,7 @@ class Recorder:
         layer_filter: Callable[[dict[str, nn.Module]], dict[str, nn.Module]] | None = None,
         layers: Iterable[str] | None = None,
         ignore: Iterable[str] | None = None,
+        layer_types: Iterable[LayerType] | None = None,
         dtype: str = "float32",
         interpolation: str | None = None,
         downsample: int | None = None,
@@ -203,6 +242,8 @@ class Recorder:
         max_queue_bytes: int = 256 * 2**20,
         resume: bool = False,
         overwrite: bool = False,
+        resume_epoch: int | None = None,
+        call_counters: Mapping[str, int] | None = None,
         rank: int | None = None,
         world_size: int | None = None,
         on_error: str = "raise",
@@ -239,10 +280,20 @@ class Recorder:
         make_compressors(compression, 4)  # validates the name
         if resume and overwrite:
             raise ValueError("resume and overwrite: choose one")
+        if (resume_epoch is not None or call_counters is not None) and not resume:
+            raise ValueError("resume_epoch / call_counters: only with resume=True")
+        if resume_epoch is not None and (
+            isinstance(resume_epoch, bool)
+            or not isinstance(resume_epoch, (int, np.integer))
+            or resume_epoch < 0
+        ):
+            raise ValueError(f"resume_epoch: must be an integer >= 0, got {resume_epoch!r}")
         if path is None and mode != "gram":
             raise ValueError("path: a recorder without a store (path=None) needs mode='gram'")
 
-        self.layers = discover_layers(modules, layer_filter=layer_filter, layers=layers, ignore=ignore)
+        self.layers = discover_layers(
+            modules, layer_filter=layer_filter, layers=layers, ignore=ignore, layer_types=layer_types
+        )
         if rank is None or world_size is None:
             dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
             rank = (torch.distributed.get_rank() if dist_on else 0) if rank is None else rank
@@ -285,6 +336,7 @@ class Recorder:
                 resume=resume,
                 overwrite=overwrite,
                 compression=compression,
+                resume_epoch=None if resume_epoch is None else int(resume_epoch),
             )
             self._writer = BackgroundWriter(max_queue_bytes)
         self._raw = mode in ("raw", "both")
@@ -293,7 +345,11 @@ class Recorder:
         state = self._store.state if self._store is not None else {"epochs_complete": []}
         done = state["epochs_complete"]
         self.epoch = (max(done) + 1) if done else 0
-        self._counters: dict[str, int] = {n: int(c) for n, c in state.get("call_counters", {}).items()}
+        if resume_epoch is not None:
+            self._warn_resume(int(resume_epoch), self._store.dropped_epochs if self._store else [])
+            self.epoch = int(resume_epoch)
+        counters = state.get("call_counters", {}) if call_counters is None else call_counters
+        self._counters: dict[str, int] = {n: int(c) for n, c in counters.items()}
         self._records: dict[str, LayerRecord] = dict(self._store.layers) if self._store is not None else {}
         self._gram_methods: dict[str, tuple[str, ...]] = {n: tuple(r.gram) for n, r in self._records.items()}
         self._next_raw_row = (
@@ -308,6 +364,8 @@ class Recorder:
         self._recording = True
         self._closed = False
         self._disabled = False
+        self._called: set[tuple[str, bool]] = set()  # (layer, training) called while recording, this epoch
+        self._warned_uncalled: set[tuple[str, bool]] = set()
         self._handles = [
             module.register_forward_hook(self._make_hook(name)) for name, module in self.layers.items()
         ]
@@ -317,6 +375,11 @@ class Recorder:
     def layer_names(self) -> list[str]:
         """Names of the layers that will be (or are) recorded, in model order."""
         return list(self.layers)
+
+    @property
+    def call_counters(self) -> dict[str, int]:
+        """Each layer's forward-call counter (what a checkpoint keeps to resume with ``call_counters``)."""
+        return dict(self._counters)
 
     @property
     def is_recording(self) -> bool:
@@ -347,6 +410,7 @@ class Recorder:
         """Close the epoch: flush and commit everything of it. Returns the epoch number closed."""
         self._check()
         epoch = self.epoch
+        self._warn_uncalled(epoch)
         if self._gram:
             for key in list(self._acc):
                 self._flush_block(key, final=True)
@@ -408,6 +472,48 @@ class Recorder:
             pass
 
     # -- internals -----------------------------------------------------------------------------
+    def _warn_resume(self, epoch: int, dropped: list[int]) -> None:
+        if dropped:
+            warnings.warn(
+                f"{self.path}: {_epochs(dropped, 'was')} recorded after the checkpoint the training resumes "
+                f"from (at epoch {epoch}): dropped, so that the store matches the resumed training",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        done = set(self._store.state["epochs_complete"]) if self._store is not None else set()
+        missing = [e for e in range(epoch) if e not in done]
+        if missing and self._store is not None:
+            warnings.warn(
+                f"{self.path}: the training resumes at epoch {epoch} but the store lacks {_epochs(missing)} "
+                "(not committed before the run stopped, or the store is new)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _warn_uncalled(self, epoch: int) -> None:
+        """Warn once per layer and phase about a layer not called in a phase that other layers ran in."""
+        phases = {training for _, training in self._called}
+        uncalled = [
+            (name, training)
+            for training in (True, False)
+            if training in phases
+            for name in self.layers
+            if (name, training) not in self._called and (name, training) not in self._warned_uncalled
+        ]
+        self._called = set()
+        if not uncalled:
+            return
+        self._warned_uncalled.update(uncalled)
+        names = ", ".join(f"{name!r} ({'train' if training else 'eval'})" for name, training in uncalled)
+        warnings.warn(
+            f"{self.path}: epoch {epoch}: recorded layers never called in a phase the others ran in: {names}; "
+            "nothing of them is stored for it. This usually means that the parent module uses the layer's "
+            "weights directly instead of calling it (a fused or hand-written forward), or that the layer is "
+            "not on the forward path of that phase (an unused head or branch, a training-only module)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
     def _check(self) -> None:
         if self._closed:
             raise CaptureError(f"{self.path}: the recorder is closed")
@@ -446,6 +552,7 @@ class Recorder:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             if not self._recording or self._closed or self._disabled:
                 return
+            self._called.add((name, module.training))
             self._record(name, module, output)
 
         return hook
@@ -472,11 +579,7 @@ class Recorder:
             for method in methods_for_layout(layout, opts.conv_methods, opts.timeseries_methods):
                 width = matrix_width(stored_shape, layout, method)
                 if width > MAX_GRAM_WIDTH:
-                    raise CaptureError(
-                        f"{self.path}: layer {name!r}: the {method!r} matrix is {width} wide, a {width}x{width} "
-                        f"float64 moment per block is too large (limit {MAX_GRAM_WIDTH}); use mode='raw', another "
-                        "method, or interpolation with a smaller downsample"
-                    )
+                    raise CaptureError(_too_wide(self.path, name, method, width, layout, stored_shape))
                 widths[method] = width
         raw_dtype = opts.dtype if self._raw else None
         self._records[name] = rec

@@ -208,6 +208,9 @@ class RunStoreWriter:
     compression : str or codec, optional
         Compression of raw outputs (default ``options.compression``; a codec object, which the
         options only hold as its ``repr``, must be passed here).
+    resume_epoch : int, optional
+        With ``resume``: drop this group's epochs from ``resume_epoch`` on (see :meth:`_roll_back_to`);
+        the epochs dropped are in :attr:`dropped_epochs`.
     """
 
     def __init__(
@@ -220,8 +223,10 @@ class RunStoreWriter:
         resume: bool = False,
         overwrite: bool = False,
         compression: Any = None,
+        resume_epoch: int | None = None,
     ) -> None:
         self.path = Path(path)
+        self.dropped_epochs: list[int] = []
         self.options = options
         self.compression = options.compression if compression is None else compression
         self.rank = rank
@@ -269,6 +274,8 @@ class RunStoreWriter:
             self.group = self.root[gname]
             self.state = dict(self.group.attrs[ATTRS_KEY])
             self._roll_back()
+            if resume_epoch is not None:
+                self._roll_back_to(int(resume_epoch))
         else:
             if gname in self.root:
                 del self.root[gname]
@@ -336,6 +343,52 @@ class RunStoreWriter:
                     keep -= 1
             gram_blocks[key] = keep
         committed["gram_blocks"] = gram_blocks
+
+    def _roll_back_to(self, epoch: int) -> None:
+        """Drop the committed epochs from ``epoch`` on (a training resumed from an older checkpoint).
+
+        Epochs are committed in order, so what is kept is a prefix of every array: the calls of the
+        epochs before ``epoch``, their raw rows, their gram blocks, the layers first seen in them.
+        The new state is written at once, before any data of the resumed epochs overwrites the
+        dropped rows: a process killed after this never shows a dropped epoch again.
+        """
+        self.dropped_epochs = sorted(int(e) for e in self.state["epochs_complete"] if int(e) >= epoch)
+        if not self.dropped_epochs:
+            return
+        committed = self.state["committed"]
+        n_calls = int(committed["calls"])
+        calls = np.asarray(self.group["calls"][:n_calls]).reshape(n_calls, len(CALL_COLUMNS))
+        col = {name: CALL_COLUMNS.index(name) for name in ("epoch", "layer", "first_row", "row_count")}
+        kept = calls[calls[:, col["epoch"]] < epoch]
+        n_layers = int(kept[:, col["layer"]].max()) + 1 if len(kept) else 0
+        layers = [d for d in self.state["layers"] if int(d["index"]) < n_layers]
+        index = {d["name"]: int(d["index"]) for d in layers}
+        raw_rows = {}
+        for name in committed["raw_rows"]:
+            mine = kept[(kept[:, col["layer"]] == index.get(name, -1)) & (kept[:, col["first_row"]] >= 0)]
+            raw_rows[name] = (
+                int((mine[:, col["first_row"]] + mine[:, col["row_count"]]).max()) if len(mine) else 0
+            )
+        gram_blocks = {}
+        for key, blocks in committed["gram_blocks"].items():
+            layer, method = key.rsplit("/", 1)
+            if layer not in index:
+                continue
+            path = next(d for d in layers if d["name"] == layer)["gram"][method]["path"]
+            epochs = np.asarray(self.group[f"{path}/info"][: int(blocks)])[:, BLOCK_COLUMNS.index("epoch")]
+            gram_blocks[key] = int(np.count_nonzero(epochs < epoch))
+        self.state["layers"] = layers
+        self.state["committed"] = {
+            "layers": n_layers,
+            "calls": len(kept),
+            "raw_rows": {k: v for k, v in raw_rows.items() if k in index},
+            "gram_blocks": gram_blocks,
+        }
+        self.state["epochs_complete"] = [e for e in self.state["epochs_complete"] if int(e) < epoch]
+        self.state["epoch_open"] = None
+        self.state["scalars"] = {k: v for k, v in self.state["scalars"].items() if int(k) < epoch}
+        self.state["updated"] = _now()
+        self.group.attrs[ATTRS_KEY] = self.state
 
     # -- creation ------------------------------------------------------------------------------
     def _open_calls(self, committed: int) -> _GrowingArray:
