@@ -42,6 +42,7 @@ PUBLIC = {
         "CaptureError",
         "CaptureOptions",
         "DEFAULT_LAYER_TYPES",
+        "DEFAULT_LAYER_TYPE_NAMES",
         "FORMAT_NAME",
         "FORMAT_VERSION",
         "GramBlock",
