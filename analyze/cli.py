@@ -383,20 +383,17 @@ def stats_command(
 # --------------------------------------------------------------------------- inspect
 
 
-def _human_bytes(n: int) -> str:
-    """``1536`` -> ``'1.5 KiB'``.
+def render_inspection(info: dict[str, Any]) -> str:
+    """:func:`analyze.inspect_run`'s dictionary as text tables (:mod:`analyze.inspection`'s layout)."""
+    from analyze.inspection import layer_table, samples_table, store_summary
 
-    Examples
-    --------
-    >>> _human_bytes(512), _human_bytes(1536), _human_bytes(3 * 2**30)
-    ('512 B', '1.5 KiB', '3.0 GiB')
-    """
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
+    out = [f"{label + ':':<9} {value}" for label, value in store_summary(info)]
+    layers = layer_table(info)
+    out += ["", f"{layers.caption}:", _table(layers.header, layers.rows)]
+    samples = samples_table(info)
+    if samples is not None:
+        out += ["", f"{samples.caption}:", _table(samples.header, samples.rows)]
+    return "\n".join(out)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -405,88 +402,6 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-def _epoch_ranges(epochs: Sequence[int]) -> str:
-    """Runs of consecutive epochs.
-
-    Examples
-    --------
-    >>> _epoch_ranges([0, 1, 2, 5]), _epoch_ranges([])
-    ('0-2, 5', 'none')
-    """
-    runs: list[list[int]] = []
-    for e in sorted(int(e) for e in epochs):
-        if runs and runs[-1][1] == e - 1:
-            runs[-1][1] = e
-        else:
-            runs.append([e, e])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs) or "none"
-
-
-#: Up to this many epochs ``inspect`` shows samples per epoch; beyond, their range.
-_INSPECT_EPOCH_COLUMNS = 6
-
-
-def render_inspection(info: dict[str, Any]) -> str:
-    """:func:`analyze.inspect_run`'s dictionary as text tables."""
-    out = [
-        f"run:      {info.get('path')}",
-        f"format:   version {info.get('format_version')}, created {info.get('created')}",
-        f"modes:    {', '.join(info.get('modes', [])) or 'none'}",
-        f"ranks:    {len(info.get('ranks', []))}",
-        f"size:     {_human_bytes(int(info.get('bytes', 0)))}",
-        f"epochs:   {_epoch_ranges(info.get('epochs', []))} ({len(info.get('epochs', []))} complete)",
-    ]
-    if info.get("incomplete_epoch") is not None:
-        out.append(f"incomplete epoch: {info['incomplete_epoch']} (not analysed)")
-    out.append(f"phases:   {', '.join(info.get('phases', [])) or 'none'}")
-    layers = info.get("layers", [])
-    out += ["", "layers:"]
-    out.append(
-        _table(
-            ["name", "type", "layout", "sample shape", "stored dtype", "raw", "gram methods"],
-            [
-                [
-                    lay["name"],
-                    lay.get("type"),
-                    lay.get("layout"),
-                    "x".join(str(s) for s in lay.get("sample_shape", [])) or "-",
-                    lay.get("stored_dtype") or "-",
-                    "yes" if lay.get("raw") else "no",
-                    ",".join(lay.get("gram_methods", [])) or "-",
-                ]
-                for lay in layers
-            ],
-        )
-    )
-    samples: dict[tuple[str, str, int], int] = {
-        (s["layer"], s["phase"], int(s["epoch"])): int(s["samples"]) for s in info.get("samples", [])
-    }
-    epochs = sorted({e for _, _, e in samples})
-    phases = [p for p in info.get("phases", []) if any(k[1] == p for k in samples)]
-    if samples:
-        out += ["", "samples recorded (rows of dim 0) per layer and phase:"]
-        if len(epochs) <= _INSPECT_EPOCH_COLUMNS:
-            header = ["layer", *[f"{p} e{e}" for p in phases for e in epochs]]
-            rows = [
-                [lay["name"], *[samples.get((lay["name"], p, e), 0) for p in phases for e in epochs]]
-                for lay in layers
-            ]
-        else:
-            header = ["layer", *[f"{p} per epoch" for p in phases], *[f"{p} total" for p in phases]]
-            rows = []
-            for lay in layers:
-                per = {p: [samples.get((lay["name"], p, e), 0) for e in epochs] for p in phases}
-                rows.append(
-                    [
-                        lay["name"],
-                        *[f"{min(v)}" if min(v) == max(v) else f"{min(v)}..{max(v)}" for v in per.values()],
-                        *[sum(v) for v in per.values()],
-                    ]
-                )
-        out.append(_table(header, rows))
-    return "\n".join(out)
 
 
 @click.command("inspect")
