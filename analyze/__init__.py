@@ -3,7 +3,9 @@
 Public entry points: :func:`run_stats` (a tidy table), :func:`analyze_runs` (the table plus
 spectra, covariances, embeddings and diagnostics), :func:`inspect_run`, the options of an
 analysis (:class:`AnalysisOptions`), the output folders every command writes
-(:func:`publish_outputs`, :class:`OutputFolder`) and the statistics registry in :mod:`analyze.stats`.
+(:func:`publish_outputs`, :class:`OutputFolder`), the HTML report of an analysis
+(:func:`report_html`, :func:`publish_report`, :func:`write_report`) and the statistics registry in
+:mod:`analyze.stats`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from analyze.api import analyze_runs, inspect_run, run_stats
 from analyze.options import AnalysisError, AnalysisOptions, parse_epochs
 from analyze.output_folder import OutputFolder, atomic_write_bytes, resolve_cache_dir
 from analyze.outputs import publish_outputs, write_outputs
+from analyze.report import publish_report, report_html, write_report
 from analyze.result import TABLE_COLUMNS, AnalysisResult, LayerFailure, SpectrumKey
 from analyze.selection import Selection
 from analyze.stats import SEMANTICS, STATS, Spectrum, compute_stat, compute_stats, spectrum_of
@@ -35,8 +38,11 @@ __all__ = [
     "inspect_run",
     "parse_epochs",
     "publish_outputs",
+    "publish_report",
+    "report_html",
     "resolve_cache_dir",
     "run_stats",
     "spectrum_of",
     "write_outputs",
+    "write_report",
 ]

@@ -1,7 +1,9 @@
 """The analysis commands of ``delve-analyze`` and the pieces every command is built from.
 
 ``delve-analyze stats RUN... -o OUT`` analyses run stores and writes an output folder
-(:func:`analyze.outputs.publish_outputs`); ``delve-analyze inspect RUN`` describes a store.
+(:func:`analyze.outputs.write_analysis`, with ``--report`` also the HTML report);
+``delve-analyze report RUN... -o OUT`` writes the HTML report alone (:func:`analyze.publish_report`);
+``delve-analyze inspect RUN`` describes a store.
 
 The options that choose what is analysed (:func:`analysis_options`) are one click option per
 :class:`analyze.AnalysisOptions` field: click only parses them, :func:`options_from` builds the
@@ -37,8 +39,12 @@ from typing import Any, NoReturn
 
 import click
 
+from analyze.inspection import human_bytes
 from analyze.options import ON_ERROR, SCHEDULERS, SOURCES, AnalysisError, AnalysisOptions
-from analyze.output_folder import resolve_cache_dir
+from analyze.output_folder import check_output_dir, resolve_cache_dir
+from analyze.report_similarity import PAIRS
+from analyze.result import AnalysisResult
+from analyze.similarity_measures import MEASURE_NAMES
 from analyze.stats import SEMANTICS, STATS
 from capture.format import PHASES, StoreFormatError
 from capture.reshape import CONV_METHODS, INTERPOLATION_MODES, TIMESERIES_METHODS
@@ -47,6 +53,7 @@ __all__ = [
     "ANALYSIS_COMMANDS",
     "InputError",
     "OneLineErrorGroup",
+    "analyse_for_command",
     "analysis_options",
     "cache_dir_from",
     "cache_options",
@@ -57,8 +64,10 @@ __all__ = [
     "make_cli",
     "one_line",
     "options_from",
+    "out_option",
     "progress_from",
     "progress_option",
+    "report_command",
     "stats_command",
 ]
 
@@ -308,40 +317,25 @@ def check_runs(runs: Sequence[str]) -> None:
 # --------------------------------------------------------------------------- stats
 
 
-@click.command("stats")
-@click.argument("runs", nargs=-1, required=True, metavar="RUN...")
-@click.option(
-    "-o",
-    "--out",
-    required=True,
-    type=click.Path(path_type=Path, dir_okay=True, file_okay=False),
-    help="Output folder (created; an earlier output folder is replaced as a whole).",
-)
-@analysis_options("analyse")
-@click.option("--no-plots", is_flag=True, help="Write the CSVs and provenance only.")
-@cache_options
-@progress_option
-@click.pass_context
-def stats_command(
-    ctx: click.Context,
-    runs: tuple[str, ...],
-    out: Path,
-    no_plots: bool,
-    cache_dir: Path | None,
-    no_cache: bool,
-    progress: bool | None,
-    **analysis: Any,
-) -> None:
-    """Compute layer statistics of run stores and write them to OUT.
+def out_option(help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``-o`` / ``--out``: the output folder of a command (required)."""
+    return click.option(
+        "-o",
+        "--out",
+        required=True,
+        type=click.Path(path_type=Path, dir_okay=True, file_okay=False),
+        help=help,
+    )
 
-    OUT receives stats.csv (the tidy table), one delve-format CSV per run, conv method,
-    time-series method and threshold ({run}_{conv}_{ts}_t{threshold}.csv), plots/ and
-    provenance.json. OUT appears only once everything is written.
+
+def analyse_for_command(
+    runs: Sequence[str], out: Path, options: AnalysisOptions, cache: Path | None, progress: bool
+) -> AnalysisResult:
+    """What ``stats`` and ``report`` share: check ``OUT`` and the stores, then analyse them.
+
+    Skipped layers are reported on stderr (``Warning: ...``); bad input raises :class:`InputError`,
+    a damaged store a :class:`click.ClickException`, and so does an analysis without any statistic.
     """
-    from analyze.outputs import check_output_dir, publish_outputs
-
-    options = options_from(ctx, analysis)
-    cache = cache_dir_from(ctx, out, cache_dir, no_cache)
     try:
         check_output_dir(out)
     except FileExistsError as exc:
@@ -352,7 +346,7 @@ def stats_command(
     from analyze.reduce import ChunkReadError
 
     try:
-        result = api.analyze_runs(list(runs), options, cache_dir=cache, progress=progress_from(progress))
+        result = api.analyze_runs(list(runs), options, cache_dir=cache, progress=progress)
     except _LIBRARY_ERRORS as exc:
         raise InputError(one_line(exc)) from None
     except ChunkReadError as exc:  # a damaged store: not a usage error, but no traceback either
@@ -366,9 +360,53 @@ def stats_command(
         )
     if result.table.empty:
         raise click.ClickException("no statistic could be computed; nothing written")
+    return result
+
+
+@click.command("stats")
+@click.argument("runs", nargs=-1, required=True, metavar="RUN...")
+@out_option("Output folder (created; an earlier output folder is replaced as a whole).")
+@analysis_options("analyse")
+@click.option("--no-plots", is_flag=True, help="Write the CSVs and provenance only.")
+@click.option(
+    "--report",
+    is_flag=True,
+    help="Also write report.html: the analysis as one self-contained HTML page (see 'report').",
+)
+@cache_options
+@progress_option
+@click.pass_context
+def stats_command(
+    ctx: click.Context,
+    runs: tuple[str, ...],
+    out: Path,
+    no_plots: bool,
+    report: bool,
+    cache_dir: Path | None,
+    no_cache: bool,
+    progress: bool | None,
+    **analysis: Any,
+) -> None:
+    """Compute layer statistics of run stores and write them to OUT.
+
+    OUT receives stats.csv (the tidy table), one delve-format CSV per run, conv method,
+    time-series method and threshold ({run}_{conv}_{ts}_t{threshold}.csv), plots/,
+    report.html with --report, and provenance.json. OUT appears only once everything is
+    written.
+    """
+    options = options_from(ctx, analysis)
+    cache = cache_dir_from(ctx, out, cache_dir, no_cache)
+    result = analyse_for_command(runs, out, options, cache, progress_from(progress))
+
+    from analyze.output_folder import OutputFolder
+    from analyze.outputs import PROVENANCE_FORMAT, write_analysis
+    from analyze.report import write_report
 
     try:
-        written = publish_outputs(result, out, plots=not no_plots)
+        with OutputFolder(out, format=PROVENANCE_FORMAT) as folder:
+            if report:
+                write_report(result, folder, progress=progress_from(progress))
+            written = write_analysis(result, folder, plots=not no_plots)
     except FileExistsError as exc:  # OUT appeared while the analysis ran
         raise InputError(str(exc)) from None
     final = Path(written["provenance"][0]).parent
@@ -377,26 +415,107 @@ def stats_command(
         for k, label in (("delve_csv", "delve CSV(s)"), ("plots", "plot(s)"))
         if written[k] or k == "delve_csv"
     )
-    click.echo(f"wrote {final}: stats.csv ({len(result.table)} rows), {counts}, provenance.json")
+    extra = ", report.html" if report else ""
+    click.echo(f"wrote {final}: stats.csv ({len(result.table)} rows), {counts}{extra}, provenance.json")
+
+
+# --------------------------------------------------------------------------- report
+
+
+@click.command("report")
+@click.argument("runs", nargs=-1, required=True, metavar="RUN...")
+@out_option("Output folder: report.html and provenance.json (created; an earlier output folder is replaced).")
+@analysis_options("analyse")
+@click.option(
+    "--similarity",
+    "measures",
+    multiple=True,
+    type=click.Choice(MEASURE_NAMES),
+    metavar=_choices(MEASURE_NAMES),
+    help="Also draw the representational similarity matrices of this measure (needs analyze.similarity); "
+    "repeat for several.",
+)
+@click.option(
+    "--similarity-pairs",
+    "pairs",
+    multiple=True,
+    type=click.Choice(PAIRS),
+    metavar=_choices(PAIRS),
+    help="What the similarity matrices compare: layers of an epoch, a layer over epochs, layers of "
+    "different runs; repeat for several.  [default: layers]",
+)
+@cache_options
+@progress_option
+@click.pass_context
+def report_command(
+    ctx: click.Context,
+    runs: tuple[str, ...],
+    out: Path,
+    measures: tuple[str, ...],
+    pairs: tuple[str, ...],
+    cache_dir: Path | None,
+    no_cache: bool,
+    progress: bool | None,
+    **analysis: Any,
+) -> None:
+    """Write a self-contained HTML report of run stores to OUT/report.html.
+
+    One page, images embedded, no script and no network, that opens from disk: each run's
+    description (as 'inspect' shows it), the saturation profile per epoch, the epoch x layer
+    heatmaps of every statistic and phase, the spectra, the similarity matrices with
+    --similarity, and the options and package versions used. OUT (report.html and
+    provenance.json) appears only once everything is written.
+    """
+    from analyze.report_similarity import compute_similarity, similarity_available
+
+    options = options_from(ctx, analysis)
+    cache = cache_dir_from(ctx, out, cache_dir, no_cache)
+    if pairs and not measures:
+        raise click.UsageError("--similarity-pairs needs --similarity", ctx)
+    if measures and not similarity_available():
+        param = next(p for p in ctx.command.params if p.name == "measures")
+        raise click.BadParameter(
+            "analyze.similarity is not available in this version of delve-pipeline", ctx, param
+        )
+    result = analyse_for_command(runs, out, options, cache, progress_from(progress))
+    frame = None
+    if measures:
+        try:
+            frame = compute_similarity(
+                runs,
+                measures,
+                pairs or ("layers",),
+                options,
+                cache_dir=cache,
+                progress=progress_from(progress),
+            )
+        except _LIBRARY_ERRORS as exc:
+            raise InputError(one_line(exc)) from None
+
+    from analyze.report import publish_report
+
+    try:
+        path = publish_report(result, out, similarity=frame, progress=progress_from(progress))
+    except FileExistsError as exc:  # OUT appeared while the analysis ran
+        raise InputError(str(exc)) from None
+    size = human_bytes(path.stat().st_size)
+    click.echo(f"wrote {path.parent}: report.html ({size}), provenance.json")
 
 
 # --------------------------------------------------------------------------- inspect
 
 
-def _human_bytes(n: int) -> str:
-    """``1536`` -> ``'1.5 KiB'``.
+def render_inspection(info: dict[str, Any]) -> str:
+    """:func:`analyze.inspect_run`'s dictionary as text tables (:mod:`analyze.inspection`'s layout)."""
+    from analyze.inspection import layer_table, samples_table, store_summary
 
-    Examples
-    --------
-    >>> _human_bytes(512), _human_bytes(1536), _human_bytes(3 * 2**30)
-    ('512 B', '1.5 KiB', '3.0 GiB')
-    """
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
+    out = [f"{label + ':':<9} {value}" for label, value in store_summary(info)]
+    layers = layer_table(info)
+    out += ["", f"{layers.caption}:", _table(layers.header, layers.rows)]
+    samples = samples_table(info)
+    if samples is not None:
+        out += ["", f"{samples.caption}:", _table(samples.header, samples.rows)]
+    return "\n".join(out)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -405,88 +524,6 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-def _epoch_ranges(epochs: Sequence[int]) -> str:
-    """Runs of consecutive epochs.
-
-    Examples
-    --------
-    >>> _epoch_ranges([0, 1, 2, 5]), _epoch_ranges([])
-    ('0-2, 5', 'none')
-    """
-    runs: list[list[int]] = []
-    for e in sorted(int(e) for e in epochs):
-        if runs and runs[-1][1] == e - 1:
-            runs[-1][1] = e
-        else:
-            runs.append([e, e])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs) or "none"
-
-
-#: Up to this many epochs ``inspect`` shows samples per epoch; beyond, their range.
-_INSPECT_EPOCH_COLUMNS = 6
-
-
-def render_inspection(info: dict[str, Any]) -> str:
-    """:func:`analyze.inspect_run`'s dictionary as text tables."""
-    out = [
-        f"run:      {info.get('path')}",
-        f"format:   version {info.get('format_version')}, created {info.get('created')}",
-        f"modes:    {', '.join(info.get('modes', [])) or 'none'}",
-        f"ranks:    {len(info.get('ranks', []))}",
-        f"size:     {_human_bytes(int(info.get('bytes', 0)))}",
-        f"epochs:   {_epoch_ranges(info.get('epochs', []))} ({len(info.get('epochs', []))} complete)",
-    ]
-    if info.get("incomplete_epoch") is not None:
-        out.append(f"incomplete epoch: {info['incomplete_epoch']} (not analysed)")
-    out.append(f"phases:   {', '.join(info.get('phases', [])) or 'none'}")
-    layers = info.get("layers", [])
-    out += ["", "layers:"]
-    out.append(
-        _table(
-            ["name", "type", "layout", "sample shape", "stored dtype", "raw", "gram methods"],
-            [
-                [
-                    lay["name"],
-                    lay.get("type"),
-                    lay.get("layout"),
-                    "x".join(str(s) for s in lay.get("sample_shape", [])) or "-",
-                    lay.get("stored_dtype") or "-",
-                    "yes" if lay.get("raw") else "no",
-                    ",".join(lay.get("gram_methods", [])) or "-",
-                ]
-                for lay in layers
-            ],
-        )
-    )
-    samples: dict[tuple[str, str, int], int] = {
-        (s["layer"], s["phase"], int(s["epoch"])): int(s["samples"]) for s in info.get("samples", [])
-    }
-    epochs = sorted({e for _, _, e in samples})
-    phases = [p for p in info.get("phases", []) if any(k[1] == p for k in samples)]
-    if samples:
-        out += ["", "samples recorded (rows of dim 0) per layer and phase:"]
-        if len(epochs) <= _INSPECT_EPOCH_COLUMNS:
-            header = ["layer", *[f"{p} e{e}" for p in phases for e in epochs]]
-            rows = [
-                [lay["name"], *[samples.get((lay["name"], p, e), 0) for p in phases for e in epochs]]
-                for lay in layers
-            ]
-        else:
-            header = ["layer", *[f"{p} per epoch" for p in phases], *[f"{p} total" for p in phases]]
-            rows = []
-            for lay in layers:
-                per = {p: [samples.get((lay["name"], p, e), 0) for e in epochs] for p in phases}
-                rows.append(
-                    [
-                        lay["name"],
-                        *[f"{min(v)}" if min(v) == max(v) else f"{min(v)}..{max(v)}" for v in per.values()],
-                        *[sum(v) for v in per.values()],
-                    ]
-                )
-        out.append(_table(header, rows))
-    return "\n".join(out)
 
 
 @click.command("inspect")
@@ -532,7 +569,7 @@ def make_cli(commands: Sequence[click.Command]) -> click.Group:
 
 
 #: The analysis commands (``python -m analyze`` offers these).
-ANALYSIS_COMMANDS: tuple[click.Command, ...] = (stats_command, inspect_command)
+ANALYSIS_COMMANDS: tuple[click.Command, ...] = (stats_command, report_command, inspect_command)
 #: ``python -m analyze``: the group of :data:`ANALYSIS_COMMANDS`.
 cli = make_cli(ANALYSIS_COMMANDS)
 

@@ -1,4 +1,4 @@
-"""Figures of an analysis: layer profiles, epoch x layer heatmaps and eigen-spectra.
+"""Figures of an analysis: layer profiles, epoch x layer heatmaps, eigen-spectra and matrices.
 
 Every function draws on a fresh :class:`matplotlib.figure.Figure` with the Agg canvas and
 returns PNG bytes; pyplot's global state is never touched (no ``pyplot.show``, no figures
@@ -13,12 +13,14 @@ from collections.abc import Sequence
 
 import numpy as np
 from matplotlib import colormaps
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import ListedColormap, Normalize
 from matplotlib.figure import Figure
+from matplotlib.image import AxesImage
 
-__all__ = ["layer_profile_png", "heatmap_png", "spectrum_png", "figure_png"]
+__all__ = ["layer_profile_png", "heatmap_png", "matrix_png", "spectrum_png", "figure_png"]
 
 _DPI = 100
 #: Up to this many epochs the profile gets a legend; beyond it a colour bar.
@@ -123,10 +125,30 @@ def layer_profile_png(
     return figure_png(fig)
 
 
+def _image(ax: Axes, v: np.ndarray, vlim: tuple[float, float] | None, aspect: str = "auto") -> AxesImage:
+    """``v`` drawn cell by cell (NaN blank) on the range ``vlim``, or on the finite values' range."""
+    if vlim is None:
+        finite = v[np.isfinite(v)]
+        vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    else:
+        vmin, vmax = vlim
+    if vmin == vmax:
+        vmin, vmax = vmin - 0.5, vmax + 0.5
+    masked = np.ma.masked_invalid(v)
+    return ax.imshow(masked, aspect=aspect, interpolation="nearest", cmap="viridis", vmin=vmin, vmax=vmax)
+
+
 def heatmap_png(
-    values: np.ndarray, epochs: Sequence[int], layers: Sequence[str], label: str, title: str
+    values: np.ndarray,
+    epochs: Sequence[int],
+    layers: Sequence[str],
+    label: str,
+    title: str,
+    vlim: tuple[float, float] | None = None,
 ) -> bytes:
     """An epoch x layer heatmap of a statistic (NaN cells left blank).
+
+    ``vlim`` fixes the range of the colour scale (default: the finite values' range).
 
     Examples
     --------
@@ -138,18 +160,71 @@ def heatmap_png(
     height = float(min(max(3.2, 2.4 + 0.25 * len(epochs)), 30.0))
     fig = _figure(_width(len(layers)) + 1.0, height)
     ax = fig.add_subplot()
-    masked = np.ma.masked_invalid(v)
-    finite = v[np.isfinite(v)]
-    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    if vmin == vmax:
-        vmin, vmax = vmin - 0.5, vmax + 0.5
-    image = ax.imshow(masked, aspect="auto", interpolation="nearest", cmap="viridis", vmin=vmin, vmax=vmax)
+    image = _image(ax, v, vlim)
     ax.set_xticks(np.arange(len(layers)), list(layers), rotation=90)
     step = max(1, len(epochs) // 25)
     ticks = np.arange(0, len(epochs), step)
     ax.set_yticks(ticks, [str(epochs[i]) for i in ticks])
     ax.set_xlabel("layers")
     ax.set_ylabel("epoch")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax, label=label)
+    fig.tight_layout()
+    return figure_png(fig)
+
+
+#: Up to this many cells a matrix shows its values as text.
+_ANNOTATE_CELLS = 144
+
+
+def matrix_png(
+    values: np.ndarray,
+    rows: Sequence[str],
+    cols: Sequence[str],
+    label: str,
+    title: str,
+    *,
+    xlabel: str = "",
+    ylabel: str = "",
+    vlim: tuple[float, float] | None = None,
+) -> bytes:
+    """A matrix of values with labelled rows (top to bottom) and columns, e.g. layer x layer similarity.
+
+    NaN cells are left blank. Up to 144 cells, each shows its value (two decimals).
+
+    Parameters
+    ----------
+    values : array_like, shape (rows, cols)
+    rows, cols : sequence of str
+        Labels of the rows and columns.
+    label : str
+        Label of the colour bar.
+    title, xlabel, ylabel : str
+    vlim : tuple of float, optional
+        Fixed range of the colour scale (default: the finite values' range).
+
+    Examples
+    --------
+    >>> png = matrix_png([[1.0, 0.4], [0.4, 1.0]], ["fc", "out"], ["fc", "out"], "cka", "t", vlim=(0, 1))
+    >>> png[:4] == b"\\x89PNG"
+    True
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if v.shape != (len(rows), len(cols)):
+        raise ValueError(f"values must have shape (rows, cols) = {(len(rows), len(cols))}, got {v.shape}")
+    fig = _figure(min(max(4.8, 2.6 + 0.34 * len(cols)), 30.0), min(max(4.0, 2.0 + 0.34 * len(rows)), 30.0))
+    ax = fig.add_subplot()
+    image = _image(ax, v, vlim, aspect="equal" if max(v.shape, default=0) <= 40 else "auto")
+    ax.set_xticks(np.arange(len(cols)), list(cols), rotation=90)
+    ax.set_yticks(np.arange(len(rows)), list(rows))
+    if v.size <= _ANNOTATE_CELLS:
+        norm = image.norm
+        for (i, j), value in np.ndenumerate(v):
+            if np.isfinite(value):
+                color = "white" if norm(value) < 0.6 else "black"
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color=color)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     fig.colorbar(image, ax=ax, label=label)
     fig.tight_layout()
