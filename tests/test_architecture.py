@@ -78,10 +78,13 @@ PUBLIC = {
         "inspect_run",
         "parse_epochs",
         "publish_outputs",
+        "publish_report",
+        "report_html",
         "resolve_cache_dir",
         "run_stats",
         "spectrum_of",
         "write_outputs",
+        "write_report",
     ],
     "pipelines": [
         "AbstractWriter",
