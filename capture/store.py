@@ -1,8 +1,10 @@
-"""Reading a run store (format version 1): layers, epochs, calls and lazy arrays.
+"""Reading a run store (format version 1, any minor version): layers, epochs, calls and lazy arrays.
 
 :func:`open_run` only reads metadata; array values are read when indexed. Only
 what the rank groups' ``committed`` attributes declare is visible, so a store
 that is still being written (or whose writer was killed) reads consistently.
+A store is a local folder or a URL (``capture/storage.py``); a chunk whose
+checksum fails is reported with its array and index (``capture/checksum.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from capture.checksum import read_checked
 from capture.format import (
     ATTRS_KEY,
     BLOCK_COLUMNS,
@@ -24,7 +27,9 @@ from capture.format import (
     LayerRecord,
     StoreFormatError,
     check_format,
+    format_minor,
 )
+from capture.storage import StoreLocation
 
 __all__ = ["open_run", "RunInfo", "RankPart", "RawArray", "GramBlocks", "decode_stored"]
 
@@ -64,7 +69,7 @@ class RawArray:
         """Rows ``[start, stop)`` as numpy (decoded)."""
         if not 0 <= start <= stop <= self.rows:
             raise IndexError(f"rows [{start}, {stop}) outside the committed [0, {self.rows})")
-        return decode_stored(self.array[start:stop], self.stored_dtype)
+        return decode_stored(read_checked(self.array, slice(start, stop)), self.stored_dtype)
 
     def __getitem__(self, key: Any) -> np.ndarray:
         if isinstance(key, slice):
@@ -95,7 +100,8 @@ class GramBlocks:
 
     def read(self, index: int) -> tuple[int, np.ndarray, np.ndarray]:
         """Block ``index`` as ``(count, mean, m2)``."""
-        return int(self.count[index]), np.asarray(self.mean[index]), np.asarray(self.m2[index])
+        count, mean, m2 = (read_checked(a, index) for a in (self.count, self.mean, self.m2))
+        return int(count), mean, m2
 
 
 @dataclass
@@ -130,7 +136,7 @@ class RankPart:
             raise KeyError(f"{layer}/{method}")
         blocks = int(self.state["committed"]["gram_blocks"].get(f"{layer}/{method}", 0))
         base = rec.gram[method]["path"]
-        info = np.asarray(self.group[f"{base}/info"][:blocks]).reshape(blocks, len(BLOCK_COLUMNS))
+        info = read_checked(self.group[f"{base}/info"], slice(0, blocks)).reshape(blocks, len(BLOCK_COLUMNS))
         return GramBlocks(
             self.group[f"{base}/count"],
             self.group[f"{base}/mean"],
@@ -147,7 +153,7 @@ class RunInfo:
     Attributes
     ----------
     path : str
-        The store.
+        The store: a local path or a URL.
     meta : dict
         The root attributes of this package (format, version, creation time, versions, options, model).
     options : CaptureOptions
@@ -162,6 +168,8 @@ class RunInfo:
         An epoch that was started but not committed (a crash, or capture still running).
     scalars : dict
         ``epoch -> {name: value}`` from ``Recorder.add_scalar`` (rank 0's).
+    storage_options : dict
+        The options the store was opened with (a URL's filesystem options; empty for a path).
     """
 
     path: str
@@ -172,6 +180,24 @@ class RunInfo:
     epochs: list[int]
     incomplete_epoch: int | None
     scalars: dict[int, dict[str, Any]] = field(default_factory=dict)
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def format_minor(self) -> int:
+        """The store's minor format version (0 for stores written before minor versions existed)."""
+        return format_minor(self.meta)
+
+    @property
+    def model(self) -> list[dict[str, Any]]:
+        """Per recorded layer, in first-seen order: ``name``, ``type``, ``kind``, ``layout``,
+        ``sample_shape``, ``source_dtype`` (the root's ``model`` attribute of a minor-0 store is not
+        consulted: this is read from the rank groups, which every minor version has)."""
+        fields = ("name", "type", "kind", "layout", "sample_shape", "source_dtype")
+        return [{k: self.layer(name).to_dict()[k] for k in fields} for name in self.layers]
+
+    def store(self) -> Any:
+        """A read-only zarr store of this run (a new one per call; :func:`capture.storage.open_store`)."""
+        return StoreLocation(self.path, self.storage_options).store(read_only=True)
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -222,30 +248,35 @@ class RunInfo:
         return [p for p in PHASES if p in present]
 
     def nbytes(self) -> int:
-        """Bytes on disk under the store."""
-        return sum(f.stat().st_size for f in Path(self.path).rglob("*") if f.is_file())
+        """Bytes stored under the run (on disk, or in the object store)."""
+        return StoreLocation(self.path, self.storage_options).nbytes()
 
 
-def open_run(path: str | os.PathLike[str]) -> RunInfo:
+def open_run(path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> RunInfo:
     """Open a run store written by :class:`capture.Recorder` (metadata only).
 
     Parameters
     ----------
     path : str or PathLike
-        The store directory.
+        The store: a directory, or a URL (``s3://bucket/prefix/run.zarr``, any fsspec URL).
+    storage_options : dict, optional
+        Options of a URL's filesystem (see :func:`capture.storage.open_store`).
 
     Raises
     ------
     FileNotFoundError
         No store at ``path``.
     StoreFormatError
-        ``path`` holds something else, or a newer format version.
+        ``path`` holds something else, or a newer major format version.
     """
-    where = os.fspath(path)
-    if not Path(where).exists():
+    location = StoreLocation(path, storage_options)
+    where = location.location
+    if not location.has("zarr.json") and (
+        location.is_empty() if location.is_url else not Path(where).exists()
+    ):
         raise FileNotFoundError(f"{where}: no run store here")
     try:
-        root = zarr.open_group(where, mode="r")
+        root = zarr.open_group(location.store(read_only=True), mode="r")
     except Exception as exc:  # noqa: BLE001 - zarr raises several kinds
         raise StoreFormatError(f"{where}: not a zarr v3 group ({exc})") from exc
     meta = check_format(root.attrs.asdict(), where)
@@ -265,7 +296,7 @@ def open_run(path: str | os.PathLike[str]) -> RunInfo:
             layers = {d["name"]: LayerRecord.from_dict(d) for d in state["layers"]}
             n_calls = int(state["committed"]["calls"])
             calls = (
-                np.asarray(group["calls"][:n_calls]).reshape(n_calls, len(CALL_COLUMNS))
+                read_checked(group["calls"], slice(0, n_calls)).reshape(n_calls, len(CALL_COLUMNS))
                 if n_calls
                 else np.zeros((0, len(CALL_COLUMNS)), dtype=np.int64)
             )
@@ -296,5 +327,13 @@ def open_run(path: str | os.PathLike[str]) -> RunInfo:
                 scalars.setdefault(int(e), {}).update(values)
     options = CaptureOptions.from_dict(meta.get("options", {}))
     return RunInfo(
-        where, meta, options, ranks, layer_names, epochs, incomplete, dict(sorted(scalars.items()))
+        where,
+        meta,
+        options,
+        ranks,
+        layer_names,
+        epochs,
+        incomplete,
+        dict(sorted(scalars.items())),
+        dict(location.storage_options),
     )
