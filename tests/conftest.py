@@ -15,6 +15,8 @@ import pytest
 import torch
 from torch import nn
 
+pytest_plugins = ["_s3"]  # the test S3 server (moto) and its fixtures: tests/_s3.py
+
 # -- small models ------------------------------------------------------------------------------
 
 
