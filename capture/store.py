@@ -155,7 +155,8 @@ class RunInfo:
     path : str
         The store: a local path or a URL.
     meta : dict
-        The root attributes of this package (format, version, creation time, versions, options, model).
+        The root attributes of this package (format, version, minor version, creation time, versions,
+        options; ``model`` in minor-0 stores, see :attr:`model`).
     options : CaptureOptions
         How the run was captured.
     ranks : list of RankPart
@@ -189,9 +190,12 @@ class RunInfo:
 
     @property
     def model(self) -> list[dict[str, Any]]:
-        """Per recorded layer, in first-seen order: ``name``, ``type``, ``kind``, ``layout``,
-        ``sample_shape``, ``source_dtype`` (the root's ``model`` attribute of a minor-0 store is not
-        consulted: this is read from the rank groups, which every minor version has)."""
+        """The recorded layers in first-seen order, as the minor-0 root attribute ``model`` listed them.
+
+        Each: ``name``, ``type``, ``kind``, ``layout``, ``sample_shape``, ``source_dtype``. Read from
+        the rank groups (every minor version has them); the root is written once, before any layer
+        is seen, so from minor 1 it has no ``model``.
+        """
         fields = ("name", "type", "kind", "layout", "sample_shape", "source_dtype")
         return [{k: self.layer(name).to_dict()[k] for k in fields} for name in self.layers]
 

@@ -16,10 +16,8 @@ Every chunk of every array ends with a crc32c checksum (``capture/checksum.py``)
 from __future__ import annotations
 
 import asyncio
-import collections
 import datetime as _dt
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
 from importlib import metadata
 from typing import Any
 
@@ -40,6 +38,7 @@ from capture.format import (
     rank_group_name,
 )
 from capture.storage import StoreLocation, group_document
+from capture.write_behind import WriteBehindStore
 
 __all__ = ["RunStoreWriter", "LayerRecord", "package_versions", "make_compressors", "chunk_compressors"]
 
@@ -49,7 +48,7 @@ try:  # runs a coroutine on zarr's event loop (what zarr.Array's own methods use
 except ImportError:  # pragma: no cover - another zarr 3 layout: write the chunks one by one
     _sync = None
 _CALL_CHUNK_ROWS = 8192
-#: Raw chunk writes in flight at once on object storage (each holds a copy of its chunk).
+#: Writes in flight at once on object storage (each holds its encoded chunk).
 _PUTS_IN_FLIGHT = 4
 _DIMS = {
     "flat": ("sample", "feature"),
@@ -169,30 +168,6 @@ class _GrowingArray:
             _sync(self.array.async_array.resize(shape, delete_outside_chunks=False))
 
 
-class _PendingWrites:
-    """Chunk writes to object storage in flight: at most ``limit`` at a time, each from its own copy.
-
-    One PUT of a 16 MiB chunk waits mostly on the network (or the server); several at once reach
-    the store's throughput (bench/object_store.py). What a commit names is written before it:
-    the writer drains these before every state write.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._pool = ThreadPoolExecutor(limit, thread_name_prefix="delve-pipeline-put")
-        self._futures: collections.deque[Future[Any]] = collections.deque()
-
-    def submit(self, array: zarr.Array, start: int, stop: int, data: np.ndarray) -> None:
-        while len(self._futures) >= self.limit:
-            self._futures.popleft().result()
-        self._futures.append(self._pool.submit(array.__setitem__, slice(start, stop), np.array(data)))
-
-    def drain(self) -> None:
-        """Wait for every write in flight; raise the first failure."""
-        while self._futures:
-            self._futures.popleft().result()
-
-
 class _RawSink:
     """Writes one layer's rows chunk by chunk; buffers only the rows of a chunk not yet full.
 
@@ -202,13 +177,10 @@ class _RawSink:
     filled, per chunk, and the buffer here a copy (2-4x the write speed; bench/README.md).
     """
 
-    def __init__(self, array: zarr.Array, committed_rows: int, pending: _PendingWrites | None = None) -> None:
+    def __init__(self, array: zarr.Array, committed_rows: int) -> None:
         self.grow = _GrowingArray(array, committed_rows)
         self.chunk_rows = int(array.chunks[0])
-        # Whole chunks of one batch are written together when uncompressed; on object storage every
-        # chunk write goes to ``pending`` (several PUTs in flight while the next rows arrive).
         self.concurrent = not _compressed(array)
-        self.pending = pending
         self.row_shape = tuple(array.shape[1:])
         self.buffer = np.empty((self.chunk_rows, *self.row_shape), dtype=array.dtype)
         # The buffer always starts on a chunk boundary; ``filled`` rows of it hold data.
@@ -245,12 +217,7 @@ class _RawSink:
         self.grow.reserve(end)
         src = self.buffer[:rows] if data is None else data
         array, chunk = self.grow.array, self.chunk_rows
-        if self.pending is not None:  # object storage: copies of the chunks, written in the background
-            for at in range(0, rows, chunk):
-                self.pending.submit(
-                    array, self.start + at, self.start + min(at + chunk, rows), src[at : at + chunk]
-                )
-        elif rows > chunk and rows % chunk == 0:
+        if rows > chunk and rows % chunk == 0:
             parts = [(self.start + o, src[o : o + chunk]) for o in range(0, rows, chunk)]
             if _sync is not None and self.concurrent:
                 # Uncompressed: the chunks' file writes overlap (measured +10-40% write speed);
@@ -276,8 +243,6 @@ class _RawSink:
         up to a chunk on object storage). Only this rank writes the chunk; the next commit
         rewrites it with more rows, atomically (a rename locally, one PUT on object storage).
         """
-        if self.pending is not None:
-            self.pending.drain()
         if self.filled == 0:
             return
         self.buffer[self.filled :] = 0
@@ -326,7 +291,6 @@ class RunStoreWriter:
         self.rank = rank
         self.world_size = world_size
         self.rank_location = self.location.child(rank_group_name(rank))
-        self._pending = _PendingWrites(_PUTS_IN_FLIGHT) if self.location.is_url else None
         self._prepare(resume, overwrite)
         self.root_meta = self._open_root()
         self._open_rank(resume)
@@ -401,7 +365,7 @@ class RunStoreWriter:
         rank_loc = self.rank_location
         group, state = None, None
         if resume and rank_loc.has("zarr.json"):
-            group = zarr.open_group(rank_loc.store(), mode="r+")
+            group = zarr.open_group(self._rank_store(), mode="r+")
             state = group.attrs.get(ATTRS_KEY)
         # A rank group without its state was being created when its process died: nothing to resume.
         self.resumed = group is not None and isinstance(state, dict)
@@ -426,10 +390,19 @@ class RunStoreWriter:
         }
         # The rank group is the root of a store of its own (``<run>/rank-NNNNN``): zarr then writes
         # nothing above it when it creates arrays (no shared object is ever written by a rank).
-        self.group = zarr.create_group(rank_loc.store(), attributes={ATTRS_KEY: self.state})
+        self.group = zarr.create_group(self._rank_store(), attributes={ATTRS_KEY: self.state})
 
     def _sink(self, array: zarr.Array, committed_rows: int) -> _RawSink:
-        return _RawSink(_writable(array), committed_rows, self._pending)
+        return _RawSink(_writable(array), committed_rows)
+
+    def _rank_store(self) -> Any:
+        """This rank's zarr store, rooted at ``rank-NNNNN/``; on object storage, writes finish behind.
+
+        Several chunk PUTs are then in flight while the next rows arrive; the rank group's
+        ``zarr.json`` (every state write, the commit) waits for all of them first.
+        """
+        store = self.rank_location.store()
+        return WriteBehindStore(store, _PUTS_IN_FLIGHT) if self.location.is_url else store
 
     def _roll_back(self) -> None:
         """Forget what a killed process wrote after its last epoch commit (before resuming).
@@ -610,9 +583,11 @@ class RunStoreWriter:
         self._write_state()
 
     def _write_state(self) -> None:
-        """Write the rank group's state: one write of its ``zarr.json``, the commit point."""
-        if self._pending is not None:  # everything the state may name is stored first
-            self._pending.drain()
+        """Write the rank group's state: one write of its ``zarr.json``, the commit point.
+
+        On object storage the rank's store holds this write back until every earlier write is
+        stored (``capture/write_behind.py``): what the state names is stored before it.
+        """
         self.state["layers"] = [rec.to_dict() for rec in sorted(self.layers.values(), key=lambda r: r.index)]
         self.state["updated"] = _now()
         self.group.attrs[ATTRS_KEY] = self.state

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 from _s3 import EPOCHS, S3Prefix, S3Server, record
+from zarr.storage import MemoryStore, WrapperStore
 
 from capture import StoreFormatError, open_run
 from capture.checksum import ChunkChecksumError, strip
@@ -148,6 +149,14 @@ def test_missing_and_foreign_urls(s3: S3Prefix) -> None:
 # -- the commit protocol on object storage -------------------------------------------------------
 
 
+def settled(rec: Any) -> None:
+    """Wait until every write ``rec`` issued is stored (object stores finish writes in the background)."""
+    from zarr.core.sync import sync
+
+    rec._writer.flush()  # noqa: SLF001 - a test looking at the order of stored objects
+    sync(rec._store.group.store.drain())  # noqa: SLF001
+
+
 class WriteLog:
     """Every object s3fs writes or deletes (a spy: the original calls go through)."""
 
@@ -205,6 +214,7 @@ def test_ranks_write_disjoint_objects_and_the_root_once(
                 storage_options=s3.storage_options,
             )
         )
+        settled(recs[rank])
     torch.manual_seed(0)
     seen: dict[int, list[torch.Tensor]] = {0: [], 1: []}
     for _epoch in range(2):
@@ -215,7 +225,8 @@ def test_ranks_write_disjoint_objects_and_the_root_once(
                 torch.nn.functional.linear(x, nets[rank][0].weight, nets[rank][0].bias).detach()
             )
             nets[rank](x)
-            recs[rank].end_epoch()  # waits for the writer: every write of this phase is logged
+            recs[rank].end_epoch()  # its commit waits for every write of the epoch
+            settled(recs[rank])
     for rank in (0, 1):
         log.phase = f"rank{rank}"
         recs[rank].close()
@@ -273,7 +284,7 @@ def test_an_epoch_commit_is_one_put_written_last(s3: S3Prefix, monkeypatch: pyte
         for epoch in range(2):
             for _ in range(3):
                 net(torch.randn(5, 6))
-            rec._writer.flush()  # noqa: SLF001 - separate the epoch's data writes from its commit
+            settled(rec)  # separate the epoch's data writes from its commit
             log.phase = f"end{epoch}"
             rec.end_epoch()
             log.phase = ""
@@ -419,3 +430,69 @@ def test_plain_chunk_reading_with_the_checksum_helper(tmp_path: Path, compressio
         assert info.value.chunk == chunk
         with pytest.raises(ChunkChecksumError, match="truncated" if compression == "none" else "damaged"):
             strip(data[:-1], array=RAW, chunk=chunk, size=None if compression == "lz4" else nbytes)
+
+
+# -- writes that finish behind ------------------------------------------------------------------
+
+
+class SlowStore(WrapperStore):
+    """A zarr MemoryStore whose writes take ``delays[key]`` seconds; the write of ``fail`` fails."""
+
+    def __init__(self, delays: dict[str, float], fail: str = "") -> None:
+        super().__init__(MemoryStore())
+        self.delays, self.fail = delays, fail
+        self.order: list[str] = []  # keys in the order their writes finished
+        self.active = self.most = 0  # writes in progress, and the most at once
+
+    async def set(self, key: str, value: Any) -> None:
+        import asyncio
+
+        self.active += 1
+        self.most = max(self.most, self.active)
+        try:
+            await asyncio.sleep(self.delays.get(key, 0.0))
+            if key == self.fail:
+                raise OSError(f"write of {key} failed")
+            await self._store.set(key, value)
+            self.order.append(key)
+        finally:
+            self.active -= 1
+
+
+def test_write_behind_keeps_the_commit_last_and_the_order_of_a_key() -> None:
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    from capture.write_behind import WriteBehindStore
+
+    slow = SlowStore({"a": 0.3, "k": 0.2, "b": 0.0})
+    store = WriteBehindStore(slow, limit=2)
+    buf = default_buffer_prototype().buffer.from_bytes
+
+    async def scenario() -> bytes:
+        await store.set("a", buf(b"A"))
+        await store.set("k", buf(b"old"))
+        assert store.in_flight == 2
+        await store.set("k", buf(b"new"))  # waits for the first write of k: never overtaken
+        await store.set("b", buf(b"B"))
+        await store.set("zarr.json", buf(b"commit"))  # the barrier: after everything before it
+        got = await store.get("k", default_buffer_prototype())
+        return got.to_bytes()
+
+    assert sync(scenario()) == b"new"
+    assert slow.order[-1] == "zarr.json" and slow.order.count("k") == 2
+    assert slow.most <= 2 and store.in_flight == 0
+
+
+def test_write_behind_reports_a_failed_write() -> None:
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    from capture.write_behind import WriteBehindStore
+
+    store = WriteBehindStore(SlowStore({"bad": 0.05}, fail="bad"), limit=4)
+    buf = default_buffer_prototype().buffer.from_bytes
+    sync(store.set("bad", buf(b"x")))  # returns at once: the write is in flight
+    with pytest.raises(OSError, match="write of bad failed"):
+        sync(store.set("zarr.json", buf(b"commit")))  # the commit does not happen
+    assert sync(store._store.exists("zarr.json")) is False  # noqa: SLF001

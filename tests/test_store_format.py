@@ -70,15 +70,21 @@ def test_xarray_reads_raw_outputs_with_dimension_names(store: tuple[Path, dict])
     np.testing.assert_array_equal(linear.raw.values, torch.cat(seen["3"]).numpy())
 
 
-def test_newer_version_and_foreign_stores_are_refused(store: tuple[Path, dict], tmp_path: Path) -> None:
-    path, _ = store
+def copy_with_root(path: Path, copy: Path, **changes: object) -> dict:
+    """A copy of the store whose root attributes get ``changes``; returns the root document."""
     import shutil
 
-    copy = tmp_path / "newer.zarr"
     shutil.copytree(path, copy)
     meta = json.loads((copy / "zarr.json").read_text())
-    meta["attributes"][ATTRS_KEY]["format_version"] = FORMAT_VERSION + 1
+    meta["attributes"][ATTRS_KEY].update(changes)
     (copy / "zarr.json").write_text(json.dumps(meta))
+    return meta
+
+
+def test_newer_version_and_foreign_stores_are_refused(store: tuple[Path, dict], tmp_path: Path) -> None:
+    path, _ = store
+    copy = tmp_path / "newer.zarr"
+    meta = copy_with_root(path, copy, format_version=FORMAT_VERSION + 1)
     with pytest.raises(StoreFormatError, match="newer"):
         open_run(copy)
     meta["attributes"][ATTRS_KEY]["format"] = "something-else"
@@ -124,15 +130,9 @@ def test_every_array_ends_with_a_checksum(store: tuple[Path, dict]) -> None:
 
 
 def test_a_newer_minor_version_reads(store: tuple[Path, dict], tmp_path: Path) -> None:
-    import shutil
-
     path, seen = store
     copy = tmp_path / "newer-minor.zarr"
-    shutil.copytree(path, copy)
-    meta = json.loads((copy / "zarr.json").read_text())
-    meta["attributes"][ATTRS_KEY]["format_minor"] = FORMAT_MINOR + 7
-    meta["attributes"][ATTRS_KEY]["something_new"] = {"ignored": True}
-    (copy / "zarr.json").write_text(json.dumps(meta))
+    copy_with_root(path, copy, format_minor=FORMAT_MINOR + 7, something_new={"ignored": True})
     run = open_run(copy)
     assert run.format_minor == FORMAT_MINOR + 7
     np.testing.assert_array_equal(run.ranks[0].raw("0")[:], torch.cat(seen["0"]).numpy())
@@ -167,3 +167,12 @@ def test_a_version_1_0_store_without_checksums_reads(store: tuple[Path, dict], t
     np.testing.assert_allclose(mean, x.mean(0), rtol=1e-12)
     np.testing.assert_allclose(m2, (x - x.mean(0)).T @ (x - x.mean(0)), rtol=1e-10, atol=1e-12)
     assert count == len(x)
+
+
+@pytest.mark.parametrize("module", ["capture.checksum", "capture.storage", "capture.write_behind"])
+def test_doctests_of_the_storage_modules(module: str) -> None:
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
