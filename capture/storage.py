@@ -41,7 +41,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
-__all__ = ["StoreLocation", "open_store", "is_url", "group_document"]
+__all__ = ["StoreLocation", "open_store", "is_url", "group_document", "located"]
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 
@@ -129,8 +129,15 @@ class StoreLocation:
                 return not any(self.path.iterdir())
             return not self.path.exists()
 
-        async def first() -> bool:
-            async for _ in self._shared_store().list_prefix(""):
+        store = self._shared_store()
+        if isinstance(store, FsspecStore):  # one listing request (one level), not a walk of the store
+            try:
+                return not sync(store.fs._ls(store.path, detail=False))
+            except FileNotFoundError:
+                return True
+
+        async def first() -> bool:  # pragma: no cover - other zarr stores
+            async for _ in store.list_prefix(""):
                 return False
             return True
 
@@ -192,6 +199,16 @@ class StoreLocation:
         """The zarr group at this location's root (``mode`` as for :func:`zarr.open_group`)."""
         store = self.store(read_only=mode == "r")
         return zarr.open_group(store, mode=mode)
+
+
+def located(exc: OSError, where: str) -> OSError:
+    """``exc`` with the store's path or URL in front of its message (same type), unless it has it."""
+    if where in str(exc):
+        return exc
+    try:
+        return type(exc)(f"{where}: {exc}")
+    except TypeError:  # pragma: no cover - an OSError subclass with another signature
+        return OSError(f"{where}: {exc}")
 
 
 def _protocols(fs: Any) -> tuple[str, ...]:

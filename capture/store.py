@@ -29,7 +29,7 @@ from capture.format import (
     check_format,
     format_minor,
 )
-from capture.storage import StoreLocation
+from capture.storage import StoreLocation, located
 
 __all__ = ["open_run", "RunInfo", "RankPart", "RawArray", "GramBlocks", "decode_stored"]
 
@@ -275,9 +275,15 @@ def open_run(path: str | os.PathLike[str], storage_options: dict[str, Any] | Non
     """
     location = StoreLocation(path, storage_options)
     where = location.location
-    if not location.has("zarr.json") and (
-        location.is_empty() if location.is_url else not Path(where).exists()
-    ):
+    try:
+        absent = not location.has("zarr.json") and (
+            location.is_empty() if location.is_url else not Path(where).exists()
+        )
+    except FileNotFoundError as exc:  # a missing bucket
+        raise FileNotFoundError(f"{where}: no run store here ({exc})") from exc
+    except OSError as exc:  # credentials, network: say which store
+        raise located(exc, where) from exc
+    if absent:
         raise FileNotFoundError(f"{where}: no run store here")
     try:
         root = zarr.open_group(location.store(read_only=True), mode="r")

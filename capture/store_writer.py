@@ -37,7 +37,7 @@ from capture.format import (
     check_format,
     rank_group_name,
 )
-from capture.storage import StoreLocation, group_document
+from capture.storage import StoreLocation, group_document, located
 from capture.write_behind import WriteBehindStore
 
 __all__ = ["RunStoreWriter", "LayerRecord", "package_versions", "make_compressors", "chunk_compressors"]
@@ -291,9 +291,15 @@ class RunStoreWriter:
         self.rank = rank
         self.world_size = world_size
         self.rank_location = self.location.child(rank_group_name(rank))
-        self._prepare(resume, overwrite)
-        self.root_meta = self._open_root()
-        self._open_rank(resume)
+        try:
+            self._prepare(resume, overwrite)
+            self.root_meta = self._open_root()
+            self._open_rank(resume)
+        except OSError as exc:  # e.g. a missing bucket: say which store
+            error = located(exc, self.path)
+            if error is exc:
+                raise
+            raise error from exc
         self.layers: dict[str, LayerRecord] = {
             d["name"]: LayerRecord.from_dict(d) for d in self.state["layers"]
         }

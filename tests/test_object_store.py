@@ -136,6 +136,11 @@ def test_storage_options_are_refused_for_a_local_path(tmp_path: Path) -> None:
 def test_missing_and_foreign_urls(s3: S3Prefix) -> None:
     with pytest.raises(FileNotFoundError, match="no run store here"):
         open_run(s3.url("nothing.zarr"), storage_options=s3.storage_options)
+    missing = "s3://no-such-bucket/run.zarr"
+    with pytest.raises(FileNotFoundError, match=f"^{missing}: no run store here"):
+        open_run(missing, storage_options=s3.storage_options)
+    with pytest.raises(FileNotFoundError, match=f"^{missing}: .*bucket does not exist"):
+        record(missing, storage_options=s3.storage_options)
     fs = s3.filesystem()
     fs.pipe_file(s3.key("foreign/data.csv"), b"a,b\n1,2\n")
     with pytest.raises(StoreFormatError, match="not a zarr v3 group"):
