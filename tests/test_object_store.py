@@ -23,7 +23,7 @@ from _s3 import EPOCHS, S3Prefix, S3Server, record
 from zarr.storage import MemoryStore, WrapperStore
 
 from capture import StoreFormatError, open_run
-from capture.checksum import ChunkChecksumError, strip
+from capture.checksum import ChunkChecksumError, strip, verify
 from capture.format import FORMAT_MINOR
 from capture.store import RunInfo
 
@@ -430,6 +430,14 @@ def test_plain_chunk_reading_with_the_checksum_helper(tmp_path: Path, compressio
             payload = blosc.decompress(bytes(payload))
         values = np.frombuffer(payload, dtype="<f2").reshape(chunk_rows, *row_shape)
         np.testing.assert_array_equal(values, raw.read(chunk * chunk_rows, (chunk + 1) * chunk_rows))
+        if compression == "none":  # no copy: the values straight into the chunk's buffer, then the trailer
+            out = np.empty((chunk_rows, *row_shape), "<f2")
+            with open(path / RAW / "c" / str(chunk) / "0" / "0" / "0", "rb") as f:
+                assert f.readinto(memoryview(out).cast("B")) == out.nbytes
+                verify(out, f.read(), array=RAW, chunk=chunk)
+            np.testing.assert_array_equal(out, values)
+            with pytest.raises(ChunkChecksumError, match=f"array '{RAW}', chunk {chunk}: .*damaged"):
+                verify(out[::-1], data[-4:], array=RAW, chunk=chunk)
         with pytest.raises(ChunkChecksumError, match=f"array '{RAW}', chunk {chunk}: .*damaged") as info:
             strip(_damage("flipped", data), array=RAW, chunk=chunk)
         assert info.value.chunk == chunk
