@@ -2,7 +2,9 @@
 
 This module is the contract between capture and analysis; ``docs/store-format.md``
 documents it. Anything that changes how an existing store must be read raises
-:data:`FORMAT_VERSION`; readers refuse stores of a newer version.
+:data:`FORMAT_VERSION` (the major version); readers refuse stores of a newer one. Additions
+that readers of the same major version can use or ignore raise :data:`FORMAT_MINOR`; readers
+accept every minor version of their major version.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "FORMAT_MINOR",
+    "MINOR_FEATURES",
     "ATTRS_KEY",
     "PHASES",
     "CALL_COLUMNS",
@@ -30,6 +34,7 @@ __all__ = [
     "CaptureOptions",
     "rank_group_name",
     "check_format",
+    "format_minor",
     "LayerRecord",
     "STORE_DISTRIBUTIONS",
     "package_versions",
@@ -37,6 +42,14 @@ __all__ = [
 
 FORMAT_NAME = "delve-pipeline.run"
 FORMAT_VERSION = 1
+#: Minor version written by this package; a store without ``format_minor`` is minor 0.
+FORMAT_MINOR = 1
+#: What each minor version of major version 1 added (``docs/store-format.md``, *Versioning*).
+MINOR_FEATURES = {
+    0: "the first format",
+    1: "a crc32c checksum behind every chunk of every array; the root group is written once, "
+    "at creation (no 'model' attribute: it is derived from the rank groups)",
+}
 #: Key under which this package keeps its attributes in every group it writes.
 ATTRS_KEY = "delve_pipeline"
 
@@ -130,25 +143,46 @@ class CaptureOptions:
 def check_format(attrs: dict[str, Any], where: str) -> dict[str, Any]:
     """Return this package's root attributes, or raise :class:`StoreFormatError`.
 
+    Every minor version of this package's major version is accepted; a newer major version is
+    refused.
+
     Parameters
     ----------
     attrs : dict
         The root group's attributes.
     where : str
-        The store path, for the message.
+        The store path or URL, for the message.
+
+    Examples
+    --------
+    >>> meta = {"format": FORMAT_NAME, "format_version": 1, "format_minor": 7}
+    >>> check_format({ATTRS_KEY: meta}, "run.zarr")["format_minor"]
+    7
+    >>> check_format({ATTRS_KEY: {**meta, "format_version": 2}}, "run.zarr")
+    Traceback (most recent call last):
+    ...
+    capture.format.StoreFormatError: run.zarr: store format version 2 is newer than this package reads (version 1); upgrade delve-pipeline
     """
     meta = attrs.get(ATTRS_KEY)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise StoreFormatError(f"{where}: not a delve-pipeline run store (no {ATTRS_KEY!r} format attribute)")
     version = meta.get("format_version")
-    if not isinstance(version, int):
+    if not isinstance(version, int) or isinstance(version, bool):
         raise StoreFormatError(f"{where}: the store's format version {version!r} is not a number")
+    minor = meta.get("format_minor", 0)
+    if not isinstance(minor, int) or isinstance(minor, bool) or minor < 0:
+        raise StoreFormatError(f"{where}: the store's format minor version {minor!r} is not a number")
     if version > FORMAT_VERSION:
         raise StoreFormatError(
             f"{where}: store format version {version} is newer than this package reads "
             f"(version {FORMAT_VERSION}); upgrade delve-pipeline"
         )
     return meta
+
+
+def format_minor(meta: dict[str, Any]) -> int:
+    """The minor format version of a store's root attributes (0 when the store predates minors)."""
+    return int(meta.get("format_minor", 0))
 
 
 @dataclass

@@ -149,7 +149,8 @@ class Recorder:
     modules : Module, list of Modules or dict of name -> Module
         The model (its supported leaf layers are discovered) or explicit modules.
     path : str, PathLike or None
-        The run store to create (a directory, conventionally ``*.zarr``). None keeps nothing on
+        The run store to create: a directory (conventionally ``*.zarr``) or a URL
+        (``s3://bucket/prefix/run.zarr``, ``gs://...``, any fsspec URL). None keeps nothing on
         disk (``mode="gram"`` only): the moments reach the caller through ``on_block``.
     mode : {"raw", "gram", "both"}
         ``raw`` keeps the outputs themselves (any reduction can be chosen later); ``gram`` keeps
@@ -204,6 +205,10 @@ class Recorder:
     on_block : callable, optional
         ``on_block(block)`` with a :class:`GramBlock` for every block of moments flushed (the
         epoch's moments and the last call's, at :meth:`end_epoch` or every ``gram_block_rows``).
+    storage_options : dict, optional
+        Options of a URL's filesystem (for ``s3://``, s3fs's ``endpoint_url``, ``key``, ``secret``,
+        ...; without them the usual ``AWS_*`` environment variables and files apply). See
+        :func:`capture.storage.open_store`.
 
     Examples
     --------
@@ -250,6 +255,7 @@ class Recorder:
         device: str | torch.device | None = None,
         on_batch: Callable[[str, str, str, torch.Tensor], None] | None = None,
         on_block: Callable[[GramBlock], None] | None = None,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode: unknown mode {mode!r}; valid values are: {', '.join(MODES)}")
@@ -337,6 +343,7 @@ class Recorder:
                 overwrite=overwrite,
                 compression=compression,
                 resume_epoch=None if resume_epoch is None else int(resume_epoch),
+                storage_options=storage_options,
             )
             self._writer = BackgroundWriter(max_queue_bytes)
         self._raw = mode in ("raw", "both")

@@ -1,8 +1,10 @@
-"""Reading a run store (format version 1): layers, epochs, calls and lazy arrays.
+"""Reading a run store (format version 1, any minor version): layers, epochs, calls and lazy arrays.
 
 :func:`open_run` only reads metadata; array values are read when indexed. Only
 what the rank groups' ``committed`` attributes declare is visible, so a store
 that is still being written (or whose writer was killed) reads consistently.
+A store is a local folder or a URL (``capture/storage.py``); a chunk whose
+checksum fails is reported with its array and index (``capture/checksum.py``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from capture.checksum import read_checked
 from capture.format import (
     ATTRS_KEY,
     BLOCK_COLUMNS,
@@ -25,7 +28,9 @@ from capture.format import (
     LayerRecord,
     StoreFormatError,
     check_format,
+    format_minor,
 )
+from capture.storage import StoreLocation, located
 
 __all__ = ["open_run", "RunInfo", "RankPart", "RawArray", "GramBlocks", "decode_stored"]
 
@@ -67,7 +72,7 @@ class RawArray:
         """Rows ``[start, stop)`` as numpy (decoded)."""
         if not 0 <= start <= stop <= self.rows:
             raise IndexError(f"rows [{start}, {stop}) outside the committed [0, {self.rows})")
-        return decode_stored(self.array[start:stop], self.stored_dtype)
+        return decode_stored(read_checked(self.array, slice(start, stop)), self.stored_dtype)
 
     def __getitem__(self, key: Any) -> np.ndarray:
         if isinstance(key, slice):
@@ -98,7 +103,8 @@ class GramBlocks:
 
     def read(self, index: int) -> tuple[int, np.ndarray, np.ndarray]:
         """Block ``index`` as ``(count, mean, m2)``."""
-        return int(self.count[index]), np.asarray(self.mean[index]), np.asarray(self.m2[index])
+        count, mean, m2 = (read_checked(a, index) for a in (self.count, self.mean, self.m2))
+        return int(count), mean, m2
 
 
 @dataclass
@@ -133,7 +139,7 @@ class RankPart:
             raise KeyError(f"{layer}/{method}")
         blocks = int(self.state["committed"]["gram_blocks"].get(f"{layer}/{method}", 0))
         base = rec.gram[method]["path"]
-        info = np.asarray(self.group[f"{base}/info"][:blocks]).reshape(blocks, len(BLOCK_COLUMNS))
+        info = read_checked(self.group[f"{base}/info"], slice(0, blocks)).reshape(blocks, len(BLOCK_COLUMNS))
         return GramBlocks(
             self.group[f"{base}/count"],
             self.group[f"{base}/mean"],
@@ -150,9 +156,10 @@ class RunInfo:
     Attributes
     ----------
     path : str
-        The store.
+        The store: a local path or a URL.
     meta : dict
-        The root attributes of this package (format, version, creation time, versions, options, model).
+        The root attributes of this package (format, version, minor version, creation time, versions,
+        options; ``model`` in minor-0 stores, see :attr:`model`).
     options : CaptureOptions
         How the run was captured.
     ranks : list of RankPart
@@ -165,6 +172,8 @@ class RunInfo:
         An epoch that was started but not committed (a crash, or capture still running).
     scalars : dict
         ``epoch -> {name: value}`` from ``Recorder.add_scalar`` (rank 0's).
+    storage_options : dict
+        The options the store was opened with (a URL's filesystem options; empty for a path).
     """
 
     path: str
@@ -175,6 +184,27 @@ class RunInfo:
     epochs: list[int]
     incomplete_epoch: int | None
     scalars: dict[int, dict[str, Any]] = field(default_factory=dict)
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def format_minor(self) -> int:
+        """The store's minor format version (0 for stores written before minor versions existed)."""
+        return format_minor(self.meta)
+
+    @property
+    def model(self) -> list[dict[str, Any]]:
+        """The recorded layers in first-seen order, as the minor-0 root attribute ``model`` listed them.
+
+        Each: ``name``, ``type``, ``kind``, ``layout``, ``sample_shape``, ``source_dtype``. Read from
+        the rank groups (every minor version has them); the root is written once, before any layer
+        is seen, so from minor 1 it has no ``model``.
+        """
+        fields = ("name", "type", "kind", "layout", "sample_shape", "source_dtype")
+        return [{k: self.layer(name).to_dict()[k] for k in fields} for name in self.layers]
+
+    def store(self) -> Any:
+        """A read-only zarr store of this run (a new one per call; :func:`capture.storage.open_store`)."""
+        return StoreLocation(self.path, self.storage_options).store(read_only=True)
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -225,30 +255,41 @@ class RunInfo:
         return [p for p in PHASES if p in present]
 
     def nbytes(self) -> int:
-        """Bytes on disk under the store."""
-        return sum(f.stat().st_size for f in Path(self.path).rglob("*") if f.is_file())
+        """Bytes stored under the run (on disk, or in the object store)."""
+        return StoreLocation(self.path, self.storage_options).nbytes()
 
 
-def open_run(path: str | os.PathLike[str]) -> RunInfo:
+def open_run(path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> RunInfo:
     """Open a run store written by :class:`capture.Recorder` (metadata only).
 
     Parameters
     ----------
     path : str or PathLike
-        The store directory.
+        The store: a directory, or a URL (``s3://bucket/prefix/run.zarr``, any fsspec URL).
+    storage_options : dict, optional
+        Options of a URL's filesystem (see :func:`capture.storage.open_store`).
 
     Raises
     ------
     FileNotFoundError
         No store at ``path``.
     StoreFormatError
-        ``path`` holds something else, or a newer format version.
+        ``path`` holds something else, or a newer major format version.
     """
-    where = os.fspath(path)
-    if not Path(where).exists():
+    location = StoreLocation(path, storage_options)
+    where = location.location
+    try:
+        absent = not location.has("zarr.json") and (
+            location.is_empty() if location.is_url else not Path(where).exists()
+        )
+    except FileNotFoundError as exc:  # a missing bucket
+        raise FileNotFoundError(f"{where}: no run store here ({exc})") from exc
+    except OSError as exc:  # credentials, network: say which store
+        raise located(exc, where) from exc
+    if absent:
         raise FileNotFoundError(f"{where}: no run store here")
     try:
-        root = zarr.open_group(where, mode="r")
+        root = zarr.open_group(location.store(read_only=True), mode="r")
     except Exception as exc:  # noqa: BLE001 - zarr raises several kinds
         raise StoreFormatError(f"{where}: not a zarr v3 group ({exc})") from exc
     meta = check_format(root.attrs.asdict(), where)
@@ -256,7 +297,7 @@ def open_run(path: str | os.PathLike[str]) -> RunInfo:
     # The rank groups are looked up by name, not by listing the root's members: a killed write leaves
     # zarr's temporary file (``zarr.<id>.partial``) or a rank folder without its metadata, which zarr's
     # member listing reports with a warning (an error under a strict warnings filter).
-    names = sorted(p.name for p in Path(where).iterdir() if p.is_dir() and _RANK_GROUP.fullmatch(p.name))
+    names = [name for name in location.names() if _RANK_GROUP.fullmatch(name)]
     for name in names:
         try:
             group = root[name]
@@ -273,7 +314,7 @@ def open_run(path: str | os.PathLike[str]) -> RunInfo:
             layers = {d["name"]: LayerRecord.from_dict(d) for d in state["layers"]}
             n_calls = int(state["committed"]["calls"])
             calls = (
-                np.asarray(group["calls"][:n_calls]).reshape(n_calls, len(CALL_COLUMNS))
+                read_checked(group["calls"], slice(0, n_calls)).reshape(n_calls, len(CALL_COLUMNS))
                 if n_calls
                 else np.zeros((0, len(CALL_COLUMNS)), dtype=np.int64)
             )
@@ -304,5 +345,13 @@ def open_run(path: str | os.PathLike[str]) -> RunInfo:
                 scalars.setdefault(int(e), {}).update(values)
     options = CaptureOptions.from_dict(meta.get("options", {}))
     return RunInfo(
-        where, meta, options, ranks, layer_names, epochs, incomplete, dict(sorted(scalars.items()))
+        where,
+        meta,
+        options,
+        ranks,
+        layer_names,
+        epochs,
+        incomplete,
+        dict(sorted(scalars.items())),
+        dict(location.storage_options),
     )

@@ -1,10 +1,16 @@
-"""Writing one process's part of a run store (format version 1).
+"""Writing one process's part of a run store (format version 1.1), on a local disk or object storage.
 
 Only the background writer thread calls these methods once a run is open. Data
 arrays are preallocated and grown geometrically; what is valid is what the
-rank group's ``committed`` attribute says, and that attribute is written last,
-atomically (zarr's local store writes each file through a rename), so a killed
-process leaves a store in which every committed epoch reads back exactly.
+rank group's ``committed`` attribute says, and that attribute is written last, in
+one write of the rank group's ``zarr.json`` (a rename on a local disk, one PUT on
+object storage), so a killed process leaves a store in which every committed epoch
+reads back exactly.
+
+Each process writes only below its own ``rank-NNNNN`` prefix, through a zarr store
+rooted there (zarr then never writes the run's root metadata for it); the root
+group is written once, by whichever process creates the store, and never again.
+Every chunk of every array ends with a crc32c checksum (``capture/checksum.py``).
 """
 
 from __future__ import annotations
@@ -12,8 +18,6 @@ from __future__ import annotations
 import asyncio
 import datetime as _dt
 import os
-import shutil
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +28,7 @@ from capture.format import (
     ATTRS_KEY,
     BLOCK_COLUMNS,
     CALL_COLUMNS,
+    FORMAT_MINOR,
     FORMAT_NAME,
     FORMAT_VERSION,
     STORE_DISTRIBUTIONS,
@@ -33,8 +38,10 @@ from capture.format import (
     package_versions,
     rank_group_name,
 )
+from capture.storage import StoreLocation, group_document, located
+from capture.write_behind import WriteBehindStore
 
-__all__ = ["RunStoreWriter", "LayerRecord", "package_versions", "make_compressors"]
+__all__ = ["RunStoreWriter", "LayerRecord", "package_versions", "make_compressors", "chunk_compressors"]
 
 _ARRAY_CONFIG = {"write_empty_chunks": True}
 try:  # runs a coroutine on zarr's event loop (what zarr.Array's own methods use)
@@ -42,6 +49,8 @@ try:  # runs a coroutine on zarr's event loop (what zarr.Array's own methods use
 except ImportError:  # pragma: no cover - another zarr 3 layout: write the chunks one by one
     _sync = None
 _CALL_CHUNK_ROWS = 8192
+#: Writes in flight at once on object storage (each holds its encoded chunk).
+_PUTS_IN_FLIGHT = 4
 _DIMS = {
     "flat": ("sample", "feature"),
     "sequence": ("sample", "time", "feature"),
@@ -66,6 +75,30 @@ def make_compressors(compression: Any, typesize: int) -> Any:
     return compression
 
 
+def chunk_compressors(compression: Any = None, typesize: int = 1) -> list[Any]:
+    """The bytes-to-bytes codecs of an array this package writes: the compressor, then the checksum.
+
+    The crc32c codec comes last, so it covers the stored bytes (a compressed frame, or the raw
+    values) and a reader checks it before decoding anything.
+    """
+    compressor = make_compressors(compression, typesize)
+    codecs = (
+        []
+        if compressor is None
+        else list(compressor)
+        if isinstance(compressor, (list, tuple))
+        else [compressor]
+    )
+    if not (codecs and isinstance(codecs[-1], zarr.codecs.Crc32cCodec)):
+        codecs.append(zarr.codecs.Crc32cCodec())
+    return codecs
+
+
+def _compressed(array: zarr.Array) -> bool:
+    """Whether the array has a compressor (the checksum alone does not count)."""
+    return any(not isinstance(c, zarr.codecs.Crc32cCodec) for c in array.compressors)
+
+
 def conv_dims(ndim: int) -> tuple[str, ...]:
     spatial = {1: ("length",), 2: ("height", "width"), 3: ("depth", "height", "width")}.get(
         ndim - 2, tuple(f"axis{i}" for i in range(ndim - 2))
@@ -86,13 +119,14 @@ def _safe(name: str) -> str:
     return name.replace("/", "%2F")
 
 
-def _refuse_foreign(path: Path) -> None:
+def _refuse_foreign(location: StoreLocation) -> None:
     """Refuse to delete a folder that is not a run store (``overwrite`` must never eat other data)."""
-    if not path.is_dir():
-        raise FileExistsError(f"{path}: exists and is not a directory; refusing to overwrite it")
-    if not (path / "zarr.json").exists():
-        raise FileExistsError(f"{path}: exists and is not a zarr store; refusing to overwrite it")
-    check_format(zarr.open_group(path, mode="r").attrs.asdict(), str(path))
+    where = location.location
+    if location.is_file():
+        raise FileExistsError(f"{where}: exists and is not a directory; refusing to overwrite it")
+    if not location.has("zarr.json"):
+        raise FileExistsError(f"{where}: exists and is not a zarr store; refusing to overwrite it")
+    check_format(location.open_group("r").attrs.asdict(), where)
 
 
 class _GrowingArray:
@@ -108,9 +142,20 @@ class _GrowingArray:
             new = max(rows, int(cap * 1.5) + 1, 16)
             self.array.resize((new, *self.array.shape[1:]))
 
-    def trim(self) -> None:
-        if self.array.shape[0] != self.length:
-            self.array.resize((self.length, *self.array.shape[1:]))
+    def trim(self, delete_outside: bool = False) -> None:
+        """Shrink the array to ``length`` (one metadata write).
+
+        Nothing is ever written beyond ``length``, so the chunks outside are not deleted (on object
+        storage a delete request per chunk key): except with ``delete_outside``, which a resumed
+        writer uses once to drop what a killed process wrote after its last commit.
+        """
+        if self.array.shape[0] == self.length:
+            return
+        shape = (self.length, *self.array.shape[1:])
+        if _sync is None or delete_outside:  # zarr's resize deletes the chunks outside
+            self.array.resize(shape)
+        else:
+            _sync(self.array.async_array.resize(shape, delete_outside_chunks=False))
 
 
 class _RawSink:
@@ -122,10 +167,10 @@ class _RawSink:
     filled, per chunk, and the buffer here a copy (2-4x the write speed; bench/README.md).
     """
 
-    def __init__(self, array: zarr.Array, committed_rows: int, chunks_per_write: int = 1) -> None:
+    def __init__(self, array: zarr.Array, committed_rows: int) -> None:
         self.grow = _GrowingArray(array, committed_rows)
         self.chunk_rows = int(array.chunks[0])
-        self.chunks_per_write = chunks_per_write
+        self.concurrent = not _compressed(array)
         self.row_shape = tuple(array.shape[1:])
         self.buffer = np.empty((self.chunk_rows, *self.row_shape), dtype=array.dtype)
         # The buffer always starts on a chunk boundary; ``filled`` rows of it hold data.
@@ -164,7 +209,7 @@ class _RawSink:
         array, chunk = self.grow.array, self.chunk_rows
         if rows > chunk and rows % chunk == 0:
             parts = [(self.start + o, src[o : o + chunk]) for o in range(0, rows, chunk)]
-            if _sync is not None and not array.compressors:
+            if _sync is not None and self.concurrent:
                 # Uncompressed: the chunks' file writes overlap (measured +10-40% write speed);
                 # compressed chunks are written one after the other (Blosc has its own threads).
                 aarray = array.async_array
@@ -181,15 +226,20 @@ class _RawSink:
         self.grow.length = max(self.grow.length, end)
 
     def flush(self) -> None:
-        """Write the buffered rows, keep the partial last chunk in memory for the next epoch."""
+        """Write the buffered rows as their whole chunk; keep them in memory for the next epoch.
+
+        The chunk is written whole (zeros after the buffered rows, beyond the committed length):
+        zarr then writes it without reading the stored chunk back to merge rows into it (a GET of
+        up to a chunk on object storage). Only this rank writes the chunk; the next commit
+        rewrites it with more rows, atomically (a rename locally, one PUT on object storage).
+        """
         if self.filled == 0:
             return
-        self._write(self.filled)
-        full = (self.filled // self.chunk_rows) * self.chunk_rows
-        if full:
-            self.buffer[: self.filled - full] = self.buffer[full : self.filled]
-            self.start += full
-            self.filled -= full
+        self.buffer[self.filled :] = 0
+        end = self.start + self.chunk_rows
+        self.grow.reserve(end)
+        self.grow.array[self.start : end] = self.buffer
+        self.grow.length = max(self.grow.length, self.start + self.filled)
 
 
 class RunStoreWriter:
@@ -197,8 +247,8 @@ class RunStoreWriter:
 
     Parameters
     ----------
-    path : str or Path
-        The run store (a directory).
+    path : str or PathLike
+        The run store: a local folder or a URL (``s3://bucket/prefix/run.zarr``, any fsspec URL).
     options : CaptureOptions
         Stored in the attributes.
     rank, world_size : int
@@ -208,6 +258,8 @@ class RunStoreWriter:
     compression : str or codec, optional
         Compression of raw outputs (default ``options.compression``; a codec object, which the
         options only hold as its ``repr``, must be passed here).
+    storage_options : dict, optional
+        Options of a URL's filesystem (see :func:`capture.storage.open_store`).
     resume_epoch : int, optional
         With ``resume``: drop this group's epochs from ``resume_epoch`` on (see :meth:`_roll_back_to`);
         the epochs dropped are in :attr:`dropped_epochs`.
@@ -223,76 +275,26 @@ class RunStoreWriter:
         resume: bool = False,
         overwrite: bool = False,
         compression: Any = None,
+        storage_options: dict[str, Any] | None = None,
         resume_epoch: int | None = None,
     ) -> None:
-        self.path = Path(path)
         self.dropped_epochs: list[int] = []
+        self.location = StoreLocation(path, storage_options)
+        self.path = self.location.location
         self.options = options
         self.compression = options.compression if compression is None else compression
         self.rank = rank
         self.world_size = world_size
-        gname = rank_group_name(rank)
-        nonempty = any(self.path.iterdir()) if self.path.is_dir() else self.path.exists()
-        # The ranks of a multi-process run share the store: what one rank must not clobber is its own
-        # group (another rank may have created the store already). Anything that is not a run store
-        # counts as existing.
-        shared = world_size > 1
-        exists = nonempty and (
-            not shared or not (self.path / "zarr.json").exists() or (self.path / gname).exists()
-        )
-        where = str(self.path)
-        if exists and not (resume or overwrite):
-            raise FileExistsError(
-                f"{where}: a run store already exists here; pass resume=True to continue it "
-                "or overwrite=True to replace it"
-            )
-        if exists and overwrite and not resume:
-            _refuse_foreign(self.path)
-            if not shared:  # a shared store loses only this rank's group (below)
-                shutil.rmtree(self.path)
-                exists = False
-        if (self.path / "zarr.json").exists():
-            self.root = zarr.open_group(self.path, mode="r+")
-            check_format(self.root.attrs.asdict(), where)
-        else:
-            meta = {
-                "format": FORMAT_NAME,
-                "format_version": FORMAT_VERSION,
-                "created": _now(),
-                "versions": package_versions(STORE_DISTRIBUTIONS),
-                "options": options.to_dict(),
-                "world_size": world_size,
-                "model": [],
-            }
-            # Created with its attributes in one write: a process killed here never leaves a zarr
-            # group that is not recognisably a run store (it could be neither read nor resumed).
-            self.root = zarr.open_group(self.path, mode="a", attributes={ATTRS_KEY: meta})
-            if ATTRS_KEY not in self.root.attrs:
-                self.root.attrs[ATTRS_KEY] = meta
-        # A rank group without its state was being created when its process died: nothing to resume.
-        if gname in self.root and resume and ATTRS_KEY in self.root[gname].attrs:
-            self.group = self.root[gname]
-            self.state = dict(self.group.attrs[ATTRS_KEY])
-            self._roll_back()
-            if resume_epoch is not None:
-                self._roll_back_to(int(resume_epoch))
-        else:
-            if gname in self.root:
-                del self.root[gname]
-            self.state = {
-                "rank": rank,
-                "world_size": world_size,
-                "options": options.to_dict(),
-                "layers": [],
-                "epochs_complete": [],
-                "epoch_open": None,
-                "scalars": {},
-                "committed": {"calls": 0, "raw_rows": {}, "gram_blocks": {}},
-                "call_counters": {},
-                "updated": _now(),
-            }
-            # With its state in the same write (see the root group above).
-            self.group = self.root.create_group(gname, attributes={ATTRS_KEY: self.state})
+        self.rank_location = self.location.child(rank_group_name(rank))
+        try:
+            self._prepare(resume, overwrite)
+            self.root_meta = self._open_root()
+            self._open_rank(resume, resume_epoch)
+        except OSError as exc:  # e.g. a missing bucket: say which store
+            error = located(exc, self.path)
+            if error is exc:
+                raise
+            raise error from exc
         self.layers: dict[str, LayerRecord] = {
             d["name"]: LayerRecord.from_dict(d) for d in self.state["layers"]
         }
@@ -302,8 +304,8 @@ class RunStoreWriter:
         self._gram: dict[str, dict[str, _GrowingArray]] = {}
         for rec in self.layers.values():
             if rec.raw_array:
-                self._raw[rec.name] = _RawSink(
-                    _writable(self.group[rec.raw_array]), int(committed["raw_rows"][rec.name])
+                self._raw[rec.name] = self._sink(
+                    self.group[rec.raw_array], int(committed["raw_rows"][rec.name])
                 )
             for method, info in rec.gram.items():
                 key = f"{rec.name}/{method}"
@@ -312,6 +314,98 @@ class RunStoreWriter:
                     part: _GrowingArray(_writable(self.group[f"{info['path']}/{part}"]), blocks)
                     for part in ("count", "mean", "m2", "info")
                 }
+        if self.resumed:  # drop the tail a killed process left: chunks beyond the committed lengths
+            for grow in self._growing():
+                grow.trim(delete_outside=True)
+
+    def _growing(self) -> list[_GrowingArray]:
+        """Every array of this rank that grows."""
+        out = [self._calls, *(sink.grow for sink in self._raw.values())]
+        return out + [g for arrays in self._gram.values() for g in arrays.values()]
+
+    def _prepare(self, resume: bool, overwrite: bool) -> None:
+        """Refuse an existing store unless resuming or overwriting; delete what ``overwrite`` replaces."""
+        # The ranks of a multi-process run share the store: what one rank must not clobber is its own
+        # group (another rank may have created the store already). Anything that is not a run store
+        # counts as existing.
+        shared = self.world_size > 1
+        exists = not self.location.is_empty() and (
+            not shared or not self.location.has("zarr.json") or not self.rank_location.is_empty()
+        )
+        if exists and not (resume or overwrite):
+            raise FileExistsError(
+                f"{self.path}: a run store already exists here; pass resume=True to continue it "
+                "or overwrite=True to replace it"
+            )
+        if exists and overwrite and not resume:
+            _refuse_foreign(self.location)
+            if not shared:  # a shared store loses only this rank's group (in _open_rank)
+                self.location.remove()
+
+    def _open_root(self) -> dict[str, Any]:
+        """Create the root group if no process has (its one and only write), and check its format."""
+        if not self.location.has("zarr.json"):
+            meta = {
+                "format": FORMAT_NAME,
+                "format_version": FORMAT_VERSION,
+                "format_minor": FORMAT_MINOR,
+                "created": _now(),
+                "versions": package_versions(STORE_DISTRIBUTIONS),
+                "options": self.options.to_dict(),
+                "world_size": self.world_size,
+            }
+            # The group and its attributes in one write, only if it is absent: a process killed here
+            # never leaves a zarr group that is not recognisably a run store, and of several ranks
+            # creating the store at once one root stays (an equivalent one: only `created` and
+            # `versions` can differ).
+            self.location.create_if_absent("zarr.json", group_document({ATTRS_KEY: meta}))
+        return check_format(self.location.open_group("r").attrs.asdict(), self.path)
+
+    def _open_rank(self, resume: bool, resume_epoch: int | None = None) -> None:
+        """Open this rank's group to resume it, or create it afresh (with its state, in one write)."""
+        rank_loc = self.rank_location
+        group, state = None, None
+        if resume and rank_loc.has("zarr.json"):
+            group = zarr.open_group(self._rank_store(), mode="r+")
+            state = group.attrs.get(ATTRS_KEY)
+        # A rank group without its state was being created when its process died: nothing to resume.
+        self.resumed = group is not None and isinstance(state, dict)
+        if self.resumed:
+            self.group = group
+            self.state = dict(state)
+            self._roll_back()
+            if resume_epoch is not None:
+                self._roll_back_to(int(resume_epoch))
+            return
+        if not rank_loc.is_empty():
+            rank_loc.remove()
+        self.state = {
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "options": self.options.to_dict(),
+            "layers": [],
+            "epochs_complete": [],
+            "epoch_open": None,
+            "scalars": {},
+            "committed": {"calls": 0, "raw_rows": {}, "gram_blocks": {}},
+            "call_counters": {},
+            "updated": _now(),
+        }
+        # The rank group is the root of a store of its own (``<run>/rank-NNNNN``): zarr then writes
+        # nothing above it when it creates arrays (no shared object is ever written by a rank).
+        self.group = zarr.create_group(self._rank_store(), attributes={ATTRS_KEY: self.state})
+
+    def _sink(self, array: zarr.Array, committed_rows: int) -> _RawSink:
+        return _RawSink(_writable(array), committed_rows)
+
+    def _rank_store(self) -> Any:
+        """This rank's zarr store, rooted at ``rank-NNNNN/``; on object storage, writes finish behind.
+
+        Several chunk PUTs are then in flight while the next rows arrive; the rank group's
+        ``zarr.json`` (every state write, the commit) waits for all of them first.
+        """
+        store = self.rank_location.store()
+        return WriteBehindStore(store, _PUTS_IN_FLIGHT) if self.location.is_url else store
 
     def _roll_back(self) -> None:
         """Forget what a killed process wrote after its last epoch commit (before resuming).
@@ -401,6 +495,7 @@ class RunStoreWriter:
             dtype="int64",
             fill_value=-1,
             dimension_names=("call", "column"),
+            compressors=chunk_compressors(),
             attributes={"columns": list(CALL_COLUMNS)},
             config=_ARRAY_CONFIG,
         )
@@ -419,13 +514,13 @@ class RunStoreWriter:
                 else _DIMS.get(rec.layout, tuple(f"axis{i}" for i in range(len(rec.sample_shape) + 1)))
             )
             path = f"{base}/raw"
-            self.group.create_array(
+            array = self.group.create_array(
                 path,
                 shape=(0, *rec.sample_shape),
                 chunks=(chunk_rows, *rec.sample_shape),
                 dtype=np_dtype,
                 fill_value=0,
-                compressors=make_compressors(self.compression, np_dtype.itemsize),
+                compressors=chunk_compressors(self.compression, np_dtype.itemsize),
                 dimension_names=dims,
                 attributes={"stored_dtype": raw_dtype, "layer": rec.name},
                 config=_ARRAY_CONFIG,
@@ -434,7 +529,7 @@ class RunStoreWriter:
             rec.raw_array = path
             rec.stored_dtype = raw_dtype
             rec.chunk_rows = chunk_rows
-            self._raw[rec.name] = _RawSink(_writable(self.group[path]), 0)
+            self._raw[rec.name] = self._sink(array, 0)
         for method, width in gram_widths.items():
             gpath = f"{base}/gram/{method}"
             arrays = {
@@ -457,7 +552,7 @@ class RunStoreWriter:
                         chunks=chunks,
                         dtype=dtype,
                         fill_value=0,
-                        compressors=None,
+                        compressors=chunk_compressors(),
                         dimension_names=dims,
                         attributes={"columns": list(BLOCK_COLUMNS)} if part == "info" else None,
                         config=_ARRAY_CONFIG,
@@ -525,12 +620,8 @@ class RunStoreWriter:
         for sink in self._raw.values():
             sink.flush()
         self.write_calls(calls)
-        for sink in self._raw.values():
-            sink.grow.trim()
-        for arrays in self._gram.values():
-            for g in arrays.values():
-                g.trim()
-        self._calls.trim()
+        for grow in self._growing():
+            grow.trim()
         self.state["committed"] = self._committed()
         complete = [e for e in self.state["epochs_complete"] if e != epoch]
         self.state["epochs_complete"] = sorted([*complete, int(epoch)])
@@ -541,15 +632,11 @@ class RunStoreWriter:
         self._write_state()
 
     def _write_state(self) -> None:
+        """Write the rank group's state: one write of its ``zarr.json``, the commit point.
+
+        On object storage the rank's store holds this write back until every earlier write is
+        stored (``capture/write_behind.py``): what the state names is stored before it.
+        """
         self.state["layers"] = [rec.to_dict() for rec in sorted(self.layers.values(), key=lambda r: r.index)]
         self.state["updated"] = _now()
         self.group.attrs[ATTRS_KEY] = self.state
-        if self.rank == 0:
-            meta = dict(self.root.attrs[ATTRS_KEY])
-            model = [
-                {k: d[k] for k in ("name", "type", "kind", "layout", "sample_shape", "source_dtype")}
-                for d in self.state["layers"]
-            ]
-            if meta.get("model") != model:
-                meta["model"] = model
-                self.root.attrs[ATTRS_KEY] = meta

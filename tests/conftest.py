@@ -26,6 +26,8 @@ from torch import nn
 # thread count for the whole session.
 collect_ignore = ["_kill_worker.py", "_runs.py"]
 
+pytest_plugins = ["_s3"]  # the test S3 server (moto) and its fixtures: tests/_s3.py
+
 # -- small models ------------------------------------------------------------------------------
 
 

@@ -563,8 +563,9 @@ def test_codec_object_as_compression(tmp_path: Path) -> None:
     with Recorder(net, path, compression=codec) as rec:
         _record_epochs(rec, net, range(1))
     run = open_run(path)
-    (compressor,) = run.ranks[0].raw("conv").array.compressors
+    compressor, checksum = run.ranks[0].raw("conv").array.compressors  # the checksum comes last
     assert (compressor.cname.value, compressor.clevel) == ("zstd", 3)
+    assert isinstance(checksum, zarr.codecs.Crc32cCodec)
 
 
 def test_commit_failure_leaves_the_epoch_incomplete(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
