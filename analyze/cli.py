@@ -1,7 +1,9 @@
 """The analysis commands of ``delve-analyze`` and the pieces every command is built from.
 
 ``delve-analyze stats RUN... -o OUT`` analyses run stores and writes an output folder
-(:func:`analyze.outputs.publish_outputs`); ``delve-analyze inspect RUN`` describes a store.
+(:func:`analyze.outputs.publish_outputs`); ``delve-analyze similarity RUN... -o OUT`` compares
+their layers (:func:`analyze.similarity_outputs.publish_similarity`); ``delve-analyze inspect RUN``
+describes a store.
 
 The options that choose what is analysed (:func:`analysis_options`) are one click option per
 :class:`analyze.AnalysisOptions` field: click only parses them, :func:`options_from` builds the
@@ -37,8 +39,10 @@ from typing import Any, NoReturn
 
 import click
 
-from analyze.options import ON_ERROR, SCHEDULERS, SOURCES, AnalysisError, AnalysisOptions
+from analyze.options import ON_ERROR, PAIRS, SCHEDULERS, SOURCES, AnalysisError, AnalysisOptions
 from analyze.output_folder import resolve_cache_dir
+from analyze.similarity import SIMILARITY_DEFAULTS
+from analyze.similarity_measures import MEASURE_NAMES, PARAMETERS
 from analyze.stats import SEMANTICS, STATS
 from capture.format import PHASES, StoreFormatError
 from capture.reshape import CONV_METHODS, INTERPOLATION_MODES, TIMESERIES_METHODS
@@ -59,6 +63,7 @@ __all__ = [
     "options_from",
     "progress_from",
     "progress_option",
+    "similarity_command",
     "stats_command",
 ]
 
@@ -130,12 +135,15 @@ def _default(value: Any) -> str:
     return f"  [default: {text}]"
 
 
-def analysis_options(verb: str = "analyse") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def analysis_options(
+    verb: str = "analyse", defaults: AnalysisOptions = _DEFAULTS, exclude: Sequence[str] = ()
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """The options that choose what is analysed: one per :class:`analyze.AnalysisOptions` field.
 
     Click parses them (numbers, repetitions); :func:`options_from` turns them into an
     :class:`~analyze.AnalysisOptions`, which validates them. An option the user does not give
-    takes the :class:`~analyze.AnalysisOptions` default. ``verb`` words the help texts.
+    takes its value in ``defaults`` (shown by ``--help``). ``verb`` words the help texts;
+    ``exclude`` names fields that the command does not offer (they keep their default).
     """
     options = [
         click.option(
@@ -144,27 +152,27 @@ def analysis_options(verb: str = "analyse") -> Callable[[Callable[..., Any]], Ca
             multiple=True,
             metavar="T",
             help="Variance threshold in (0, 1] for lsat / idim; repeat for several."
-            + _default(_DEFAULTS.thresholds),
+            + _default(defaults.thresholds),
         ),
         click.option(
             "--conv-method",
             "conv_methods",
             multiple=True,
             metavar=_choices(CONV_METHODS),
-            help="Reduction of conv maps; repeat for several." + _default(_DEFAULTS.conv_methods),
+            help="Reduction of conv maps; repeat for several." + _default(defaults.conv_methods),
         ),
         click.option(
             "--timeseries-method",
             "timeseries_methods",
             multiple=True,
             metavar=_choices(TIMESERIES_METHODS),
-            help="Reduction of sequences; repeat for several." + _default(_DEFAULTS.timeseries_methods),
+            help="Reduction of sequences; repeat for several." + _default(defaults.timeseries_methods),
         ),
         click.option(
             "--stats",
             "stats",
             metavar="LIST",
-            help=f"Comma-separated statistics, from: {', '.join(STATS)}." + _default(_DEFAULTS.stats),
+            help=f"Comma-separated statistics, from: {', '.join(STATS)}." + _default(defaults.stats),
         ),
         click.option(
             "--phase",
@@ -189,25 +197,25 @@ def analysis_options(verb: str = "analyse") -> Callable[[Callable[..., Any]], Ca
         click.option(
             "--device",
             metavar="cpu|cuda|cuda:i",
-            help="Where Gram products run." + _default(_DEFAULTS.device),
+            help="Where Gram products run." + _default(defaults.device),
         ),
         click.option(
             "--scheduler",
             metavar="|".join(SCHEDULERS) + "|ADDRESS",
             help="dask scheduler, or a dask.distributed scheduler address (tcp://host:port)."
-            + _default(_DEFAULTS.scheduler),
+            + _default(defaults.scheduler),
         ),
         click.option(
             "--source",
             metavar=_choices(SOURCES),
             help="Stored data to reduce: gram moments when they serve the request (auto), raw outputs, or gram."
-            + _default(_DEFAULTS.source),
+            + _default(defaults.source),
         ),
         click.option(
             "--on-error",
             metavar=_choices(ON_ERROR),
             help="On a layer that cannot be analysed: stop, or skip it and report it."
-            + _default(_DEFAULTS.on_error),
+            + _default(defaults.on_error),
         ),
         click.option("--log-interval", type=int, metavar="N", help="Use every N-th call of a layer."),
         click.option(
@@ -220,7 +228,15 @@ def analysis_options(verb: str = "analyse") -> Callable[[Callable[..., Any]], Ca
         ),
         click.option("--downsample", type=int, metavar="N", help="Target size of --interpolation."),
     ]
-    return _apply(options)
+    add = _apply(options)
+
+    def apply(command: Callable[..., Any]) -> Callable[..., Any]:
+        command = add(command)
+        params = command.__click_params__  # type: ignore[attr-defined]
+        command.__click_params__ = [p for p in params if p.name not in exclude]  # type: ignore[attr-defined]
+        return command
+
+    return apply
 
 
 def _apply(options: list[Callable[[Any], Any]]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -232,11 +248,14 @@ def _apply(options: list[Callable[[Any], Any]]) -> Callable[[Callable[..., Any]]
     return apply
 
 
-def options_from(ctx: click.Context, values: dict[str, Any]) -> AnalysisOptions:
+def options_from(
+    ctx: click.Context, values: dict[str, Any], defaults: AnalysisOptions | None = None
+) -> AnalysisOptions:
     """The :class:`~analyze.AnalysisOptions` of a command's parsed :func:`analysis_options`.
 
     ``values`` are the command's parameters (other names are ignored); options not given keep
-    their defaults. A refused value is a :class:`click.BadParameter` naming its option.
+    their value in ``defaults`` (by default :class:`~analyze.AnalysisOptions`' own). A refused
+    value is a :class:`click.BadParameter` naming its option.
     """
     given = {}
     for name in AnalysisOptions.keys():
@@ -247,7 +266,7 @@ def options_from(ctx: click.Context, values: dict[str, Any]) -> AnalysisOptions:
             value = tuple(n.strip() for n in value.split(",") if n.strip())
         given[name] = value
     try:
-        return AnalysisOptions(**given)
+        return AnalysisOptions(**given) if defaults is None else defaults.replace(**given)
     except AnalysisError as exc:
         param = next((p for p in ctx.command.params if p.name == exc.argument), None)
         if param is None:
@@ -378,6 +397,113 @@ def stats_command(
         if written[k] or k == "delve_csv"
     )
     click.echo(f"wrote {final}: stats.csv ({len(result.table)} rows), {counts}, provenance.json")
+
+
+# --------------------------------------------------------------------------- similarity
+
+
+def _similarity_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--measure``, ``--pairs``, ``--svcca-threshold``, ``--minibatch-size`` (validated by the options)."""
+    return _apply(
+        [
+            click.option(
+                "--measure",
+                "measures",
+                multiple=True,
+                metavar=_choices(MEASURE_NAMES),
+                help="Similarity measure; repeat for several." + _default(_DEFAULTS.measures),
+            ),
+            click.option(
+                "--pairs",
+                metavar=_choices(PAIRS),
+                help="Compare every pair of layers of a run and epoch (layers), each layer across epochs "
+                "(epochs), or each layer across runs (runs)." + _default(_DEFAULTS.pairs),
+            ),
+            click.option(
+                "--svcca-threshold",
+                metavar="T",
+                help="Share of each layer's variance kept by svcca, in (0, 1]."
+                + _default(PARAMETERS["svcca_threshold"].default),
+            ),
+            click.option(
+                "--minibatch-size",
+                metavar="N",
+                help="Consecutive rows per minibatch of minibatch_cka (>= 4)."
+                + _default(PARAMETERS["minibatch_size"].default),
+            ),
+        ]
+    )(command)
+
+
+#: Analysis options that do not apply to similarity (it reads raw rows and computes no statistic).
+_NOT_SIMILARITY = ("thresholds", "stats", "compat", "source")
+
+
+@click.command("similarity")
+@click.argument("runs", nargs=-1, required=True, metavar="RUN...")
+@click.option(
+    "-o",
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=True, file_okay=False),
+    help="Output folder (created; an earlier output folder is replaced as a whole).",
+)
+@_similarity_options
+@analysis_options("compare", defaults=SIMILARITY_DEFAULTS, exclude=_NOT_SIMILARITY)
+@click.option("--no-plots", is_flag=True, help="Write similarity.csv and provenance.json only.")
+@cache_options
+@progress_option
+@click.pass_context
+def similarity_command(
+    ctx: click.Context,
+    runs: tuple[str, ...],
+    out: Path,
+    no_plots: bool,
+    cache_dir: Path | None,
+    no_cache: bool,
+    progress: bool | None,
+    **analysis: Any,
+) -> None:
+    """Compare the layers of run stores by representational similarity and write OUT.
+
+    OUT receives similarity.csv (run_a, epoch_a, layer_a, run_b, epoch_b, layer_b, phase,
+    conv_method, timeseries_method, measure, value), one heatmap per matrix in plots/ and
+    provenance.json. The stores must hold raw activations. OUT appears only once everything
+    is written.
+    """
+    import warnings
+
+    from analyze.outputs import check_output_dir
+
+    options = options_from(ctx, analysis, defaults=SIMILARITY_DEFAULTS)
+    cache = cache_dir_from(ctx, out, cache_dir, no_cache)
+    try:
+        check_output_dir(out)
+    except FileExistsError as exc:
+        raise InputError(str(exc)) from None
+    check_runs(runs)
+
+    from analyze.reduce import ChunkReadError
+    from analyze.similarity import analyze_similarity
+    from analyze.similarity_outputs import publish_similarity
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = analyze_similarity(
+                list(runs), options=options, cache_dir=cache, progress=progress_from(progress)
+            )
+        for warning in caught:
+            click.echo(f"Warning: {one_line(warning.message)}", err=True)
+        written = publish_similarity(result, out, plots=not no_plots)
+    except _LIBRARY_ERRORS as exc:
+        raise InputError(one_line(exc)) from None
+    except ChunkReadError as exc:  # a damaged store: not a usage error, but no traceback either
+        raise click.ClickException(one_line(exc)) from None
+    final = Path(written["provenance"][0]).parent
+    click.echo(
+        f"wrote {final}: similarity.csv ({len(result.table)} rows), {len(written['plots'])} plot(s), provenance.json"
+    )
 
 
 # --------------------------------------------------------------------------- inspect
@@ -532,7 +658,7 @@ def make_cli(commands: Sequence[click.Command]) -> click.Group:
 
 
 #: The analysis commands (``python -m analyze`` offers these).
-ANALYSIS_COMMANDS: tuple[click.Command, ...] = (stats_command, inspect_command)
+ANALYSIS_COMMANDS: tuple[click.Command, ...] = (stats_command, similarity_command, inspect_command)
 #: ``python -m analyze``: the group of :data:`ANALYSIS_COMMANDS`.
 cli = make_cli(ANALYSIS_COMMANDS)
 
