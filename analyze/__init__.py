@@ -15,7 +15,7 @@ from analyze.output_folder import OutputFolder, atomic_write_bytes, resolve_cach
 from analyze.outputs import publish_outputs, write_outputs
 from analyze.result import TABLE_COLUMNS, AnalysisResult, LayerFailure, SpectrumKey
 from analyze.selection import Selection
-from analyze.similarity import (
+from analyze.similarity_api import (
     SIMILARITY_COLUMNS,
     SimilarityMatrix,
     SimilarityResult,

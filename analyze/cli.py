@@ -41,7 +41,7 @@ import click
 
 from analyze.options import ON_ERROR, PAIRS, SCHEDULERS, SOURCES, AnalysisError, AnalysisOptions
 from analyze.output_folder import resolve_cache_dir
-from analyze.similarity import SIMILARITY_DEFAULTS
+from analyze.similarity_api import SIMILARITY_DEFAULTS
 from analyze.similarity_measures import MEASURE_NAMES, PARAMETERS
 from analyze.stats import SEMANTICS, STATS
 from capture.format import PHASES, StoreFormatError
@@ -484,7 +484,7 @@ def similarity_command(
     check_runs(runs)
 
     from analyze.reduce import ChunkReadError
-    from analyze.similarity import analyze_similarity
+    from analyze.similarity_api import analyze_similarity
     from analyze.similarity_outputs import publish_similarity
 
     try:
@@ -658,7 +658,7 @@ def make_cli(commands: Sequence[click.Command]) -> click.Group:
 
 
 #: The analysis commands (``python -m analyze`` offers these).
-ANALYSIS_COMMANDS: tuple[click.Command, ...] = (stats_command, similarity_command, inspect_command)
+ANALYSIS_COMMANDS: tuple[click.Command, ...] = (stats_command, inspect_command, similarity_command)
 #: ``python -m analyze``: the group of :data:`ANALYSIS_COMMANDS`.
 cli = make_cli(ANALYSIS_COMMANDS)
 

@@ -271,10 +271,28 @@ def _measures(value: Any) -> tuple[str, ...]:
         raise _Invalid(str(exc)) from None
 
 
+def _number(text: str) -> Any:
+    """``text`` as an int or a float when it is one, else ``text``.
+
+    Examples
+    --------
+    >>> _number("3"), _number("0.5"), _number("abc")
+    (3, 0.5, 'abc')
+    """
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def _measure_option(name: str) -> Callable[[Any], Any]:
     """A check by :func:`analyze.similarity_measures.check_measure_options` (the measures' registry)."""
 
     def check(value: Any) -> Any:
+        if isinstance(value, str):  # a number typed on the command line is refused as the number
+            value = _number(value)
         try:
             return check_measure_options(**{name: value})[name]
         except ValueError as exc:

@@ -25,7 +25,7 @@ result is bit-for-bit the same whatever the scheduler or the task size.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,6 +83,22 @@ def _matrix(x: np.ndarray, method: str, how: _Reshape) -> np.ndarray:
     return to_matrix(x, how.layout, method, interpolation=how.interpolation, downsample=how.downsample)
 
 
+def _wanted_chunks(
+    src: RawSource, chunk_lo: int, chunk_hi: int, wanted: dict[int, tuple[str, list[tuple[int, int, int]]]]
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """The store chunks in ``[chunk_lo, chunk_hi)`` that hold a wanted row, each read once, in order."""
+    r = src.chunk_rows
+    needed = sorted(
+        {c for _, ranges in wanted.values() for a, b, _ in ranges for c in range(a // r, (b - 1) // r + 1)}
+    )
+    needed = [c for c in needed if chunk_lo <= c < chunk_hi]
+    start = 0
+    for i in range(1, len(needed) + 1):  # runs of consecutive chunks
+        if i == len(needed) or needed[i] != needed[i - 1] + 1:
+            yield from read_chunks(src, needed[start], needed[i - 1] + 1)
+            start = i
+
+
 def _read_task(
     src: RawSource,
     chunk_lo: int,
@@ -98,7 +114,7 @@ def _read_task(
     pieces: dict[int, list[np.ndarray]] = {i: [] for i in wanted}
     first: dict[int, int] = {}
     with one_torch_thread():
-        for _, c0, data in read_chunks(src, chunk_lo, chunk_hi):
+        for _, c0, data in _wanted_chunks(src, chunk_lo, chunk_hi, wanted):
             c1 = c0 + len(data)
             for item, (method, ranges) in wanted.items():
                 parts = [

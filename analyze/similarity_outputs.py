@@ -3,7 +3,7 @@
 Layout of a similarity output folder
 ------------------------------------
 ``similarity.csv``
-    The table of :func:`analyze.similarity` (:data:`analyze.similarity.SIMILARITY_COLUMNS`), in
+    The table of :func:`analyze.similarity` (:data:`analyze.SIMILARITY_COLUMNS`), in
     its order, formatted as ``stats.csv`` (:func:`analyze.outputs.table_csv`): ``,``, no index,
     ``\\n`` line ends, floats in their shortest round-trip form.
 ``plots/`` (unless ``plots=False``)
@@ -26,7 +26,7 @@ from typing import Any
 
 from analyze.output_folder import OutputFolder
 from analyze.outputs import PLOTS_DIR, table_csv
-from analyze.similarity import SimilarityMatrix, SimilarityResult, similarity_matrices
+from analyze.similarity_api import SimilarityMatrix, SimilarityResult, similarity_matrices
 
 __all__ = [
     "SIMILARITY_FORMAT",

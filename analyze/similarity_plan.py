@@ -272,7 +272,7 @@ class _Builder:
     runs: dict[str, RunPlan]
     items: dict[Item, ItemRows] = field(default_factory=dict)
     comparisons: list[Comparison] = field(default_factory=list)
-    index: dict[tuple, int] = field(default_factory=dict)
+    index: dict[tuple, int | None] = field(default_factory=dict)
 
     def rows(self, item: Item) -> ItemRows:
         if item not in self.items:
@@ -281,8 +281,11 @@ class _Builder:
             self.items[item] = _item_rows(run, part, item, self.options)
         return self.items[item]
 
-    def comparison(self, keys: Sequence[Compared], phase: str, methods: Sequence[str]) -> int:
-        """The index of the comparison of ``keys`` (each with its method), built and checked once."""
+    def comparison(self, keys: Sequence[Compared], phase: str, methods: Sequence[str]) -> int | None:
+        """The index of the comparison of ``keys`` (each with its method), built and checked once.
+
+        ``None`` when no rank recorded a sample of them.
+        """
         ident = (tuple(keys), phase, tuple(methods))
         if ident in self.index:
             return self.index[ident]
@@ -312,11 +315,9 @@ class _Builder:
             if rows[0].samples:  # type: ignore[union-attr]
                 per_rank.append(tuple(items))
                 counts.append(rows[0].samples)  # type: ignore[union-attr]
-        if not per_rank:
-            raise AnalysisError(
-                f"pairs={self.options.pairs!r}: no recorded samples for {', '.join(repr(k) for k in keys)} "
-                f"in phase {phase!r}; choose other epochs or phases (--epochs, --phase)"
-            )
+        if not per_rank:  # e.g. a phase that was not recorded in this epoch: nothing to compare
+            self.index[ident] = None
+            return None
         comparison = Comparison(
             keys=tuple(keys),
             phase=phase,
@@ -409,7 +410,7 @@ def _common_epochs(run_plans: Sequence[RunPlan]) -> list[int]:
 def _matrices(
     builder: _Builder, run_plans: Sequence[RunPlan], layers: dict[str, tuple[str, ...]]
 ) -> list[MatrixPlan]:
-    """Every matrix of the result, in the order of the table (see :func:`analyze.similarity.similarity`)."""
+    """Every matrix of the result, in the order of the table (see :func:`analyze.similarity`)."""
     options = builder.options
     out: list[MatrixPlan] = []
 
@@ -418,7 +419,9 @@ def _matrices(
             return
         for cm, tm in _combos(options):
             methods = [_method(_layout(builder.runs[k.run].run, k.layer), cm, tm) for k in keys]
-            out.append(MatrixPlan(builder.comparison(keys, phase, methods), cm, tm))
+            comparison = builder.comparison(keys, phase, methods)
+            if comparison is not None:
+                out.append(MatrixPlan(comparison, cm, tm))
 
     if options.pairs == "layers":
         for rp in run_plans:
@@ -472,7 +475,7 @@ def plan_similarity(runs: str | Sequence[str], options: AnalysisOptions) -> Simi
     Warns
     -----
     UserWarning
-        ``pairs="epochs"`` or ``"runs"`` with the train phase (see :func:`analyze.similarity.similarity`).
+        ``pairs="epochs"`` or ``"runs"`` with the train phase (see :func:`analyze.similarity`).
     RuntimeWarning
         A layer left out with ``on_error="skip"``.
     """
@@ -484,6 +487,11 @@ def plan_similarity(runs: str | Sequence[str], options: AnalysisOptions) -> Simi
     layers, skipped = _usable_layers(run_plans, options)
     builder = _Builder(options, {rp.name: rp for rp in run_plans})
     matrices = _matrices(builder, run_plans, layers)
+    if not matrices:
+        raise AnalysisError(
+            f"pairs={options.pairs!r}: nothing to compare: no recorded samples of the layers, epochs and phases "
+            f"asked ({', '.join(options.phases)}); choose others (--layers, --epochs, --phase)"
+        )
     return SimilarityPlan(
         options=options,
         runs=tuple(run_plans),

@@ -385,8 +385,8 @@ def test_one_factory_builds_every_group() -> None:
     import pipelines.cli
     from analyze.cli import ANALYSIS_COMMANDS, make_cli
 
-    assert sorted(cli.commands) == ["inspect", "stats"]  # python -m analyze: the analysis commands
-    assert sorted(pipelines.cli.cli.commands) == ["compare", "demo", "inspect", "stats", "sweep"]
+    assert sorted(cli.commands) == ["inspect", "similarity", "stats"]  # python -m analyze: the analysis commands
+    assert sorted(pipelines.cli.cli.commands) == ["compare", "demo", "inspect", "similarity", "stats", "sweep"]
     for command in ANALYSIS_COMMANDS:  # the same command objects in both groups
         assert pipelines.cli.cli.commands[command.name] is command is cli.commands[command.name]
     group = make_cli([ANALYSIS_COMMANDS[1]])

@@ -240,7 +240,7 @@ def similarity(
     ...         _ = net(torch.randn(64, 8)); _ = rec.end_epoch()
     ...     table = similarity(f"{tmp}/r.zarr", "cka", progress=False)
     >>> table[["layer_a", "layer_b", "value"]].round(3).values.tolist()
-    [['0', '0', 1.0], ['0', '2', 0.843], ['2', '0', 0.843], ['2', '2', 1.0]]
+    [['0', '0', 1.0], ['0', '2', 0.766], ['2', '0', 0.766], ['2', '2', 1.0]]
     """
     return analyze_similarity(
         runs, measure, pairs, options, cache_dir=cache_dir, progress=progress, **kwargs
