@@ -166,10 +166,13 @@ class _Reads:
             for a, b, s in _rows_of_samples(rows, 0, rows.samples):
                 for g in range(a // span, (b - 1) // span + 1):
                     lo, hi = max(a, g * span), min(b, (g + 1) * span)
-                    wanted = groups.setdefault(g, {}).setdefault(self.item_ids[item], (item.method, []))
-                    wanted[1].append((lo, hi, s + lo - a))
+                    parts = groups.setdefault(g, {}).setdefault(self.item_ids[item], (item.method, []))[1]
+                    if parts and parts[-1][1] == lo and parts[-1][2] + lo - parts[-1][0] == s + lo - a:
+                        parts[-1] = (parts[-1][0], hi, parts[-1][2])  # consecutive calls: one slice
+                    else:
+                        parts.append((lo, hi, s + lo - a))
         for g, wanted in sorted(groups.items()):
-            self.tasks[(*source, g)] = delayed(_read_task, pure=True)(
+            self.tasks[(*source, g)] = delayed(_read_task, pure=False)(
                 src, g * per_task, (g + 1) * per_task, how, wanted
             )
 
@@ -308,10 +311,10 @@ def _comparison_graph(comparison: Comparison, needs: tuple[str, ...], reads: _Re
         inputs = [
             [reads.covering(item, s0, s1) for item in comparison.items[pos]] for pos, s0, s1, _ in group
         ]
-        level.append(delayed(_moment_task, pure=True)(spec, group, inputs))
+        level.append(delayed(_moment_task, pure=False)(spec, group, inputs))
     while len(level) > 1:  # the upper levels of merge_partials' tree
         merged = [
-            delayed(_merge_pair, pure=True)(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)
+            delayed(_merge_pair, pure=False)(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)
         ]
         level = merged + ([level[-1]] if len(level) % 2 else [])
     return level[0]
@@ -372,7 +375,10 @@ def accumulate(plan: SimilarityPlan, cache: CovarianceCache, progress: bool) -> 
         return out
     reads = _Reads(plan, [plan.comparisons[n] for n, _ in pending])
     graphs = [_comparison_graph(plan.comparisons[n], needs, reads) for n, needs in pending]
-    computed = compute(graphs, options.scheduler, progress, "similarity")
+    # One torch and one BLAS thread for the whole computation (the tasks are the parallelism): held
+    # here, the tasks' own limits (needed in worker processes) cost nothing in this process.
+    with one_torch_thread(), one_blas_thread():
+        computed = compute(graphs, options.scheduler, progress, "similarity")
     for (n, _), accumulators in zip(pending, computed, strict=True):
         for need, acc in accumulators.items():
             out[n][need] = acc
