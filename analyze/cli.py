@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -324,6 +325,41 @@ def check_runs(runs: Sequence[str]) -> None:
             raise InputError(str(exc)) from None
 
 
+def _prepare(
+    ctx: click.Context,
+    runs: Sequence[str],
+    out: Path,
+    cache_dir: Path | None,
+    no_cache: bool,
+    analysis: dict[str, Any],
+    defaults: AnalysisOptions | None = None,
+) -> tuple[AnalysisOptions, Path | None]:
+    """A command's options and cache folder, after checking ``out`` and opening every run's metadata."""
+    from analyze.outputs import check_output_dir
+
+    options = options_from(ctx, analysis, defaults)
+    cache = cache_dir_from(ctx, out, cache_dir, no_cache)
+    try:
+        check_output_dir(out)
+    except FileExistsError as exc:
+        raise InputError(str(exc)) from None
+    check_runs(runs)
+    return options, cache
+
+
+@contextmanager
+def _library_errors() -> Iterator[None]:
+    """The library's errors as one-line reports: bad input exits 2, a damaged store 1."""
+    from analyze.reduce import ChunkReadError
+
+    try:
+        yield
+    except _LIBRARY_ERRORS as exc:
+        raise InputError(one_line(exc)) from None
+    except ChunkReadError as exc:  # a damaged store: not a usage error, but no traceback either
+        raise click.ClickException(one_line(exc)) from None
+
+
 # --------------------------------------------------------------------------- stats
 
 
@@ -357,25 +393,14 @@ def stats_command(
     time-series method and threshold ({run}_{conv}_{ts}_t{threshold}.csv), plots/ and
     provenance.json. OUT appears only once everything is written.
     """
-    from analyze.outputs import check_output_dir, publish_outputs
+    from analyze.outputs import publish_outputs
 
-    options = options_from(ctx, analysis)
-    cache = cache_dir_from(ctx, out, cache_dir, no_cache)
-    try:
-        check_output_dir(out)
-    except FileExistsError as exc:
-        raise InputError(str(exc)) from None
-    check_runs(runs)
+    options, cache = _prepare(ctx, runs, out, cache_dir, no_cache, analysis)
 
     from analyze import api
-    from analyze.reduce import ChunkReadError
 
-    try:
+    with _library_errors():
         result = api.analyze_runs(list(runs), options, cache_dir=cache, progress=progress_from(progress))
-    except _LIBRARY_ERRORS as exc:
-        raise InputError(one_line(exc)) from None
-    except ChunkReadError as exc:  # a damaged store: not a usage error, but no traceback either
-        raise click.ClickException(one_line(exc)) from None
 
     for failure in result.failures:
         where = f"epoch {failure.epoch}: " if failure.epoch is not None else ""
@@ -473,21 +498,12 @@ def similarity_command(
     """
     import warnings
 
-    from analyze.outputs import check_output_dir
+    options, cache = _prepare(ctx, runs, out, cache_dir, no_cache, analysis, SIMILARITY_DEFAULTS)
 
-    options = options_from(ctx, analysis, defaults=SIMILARITY_DEFAULTS)
-    cache = cache_dir_from(ctx, out, cache_dir, no_cache)
-    try:
-        check_output_dir(out)
-    except FileExistsError as exc:
-        raise InputError(str(exc)) from None
-    check_runs(runs)
-
-    from analyze.reduce import ChunkReadError
     from analyze.similarity_api import analyze_similarity
     from analyze.similarity_outputs import publish_similarity
 
-    try:
+    with _library_errors():
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             result = analyze_similarity(
@@ -496,10 +512,6 @@ def similarity_command(
         for warning in caught:
             click.echo(f"Warning: {one_line(warning.message)}", err=True)
         written = publish_similarity(result, out, plots=not no_plots)
-    except _LIBRARY_ERRORS as exc:
-        raise InputError(one_line(exc)) from None
-    except ChunkReadError as exc:  # a damaged store: not a usage error, but no traceback either
-        raise click.ClickException(one_line(exc)) from None
     final = Path(written["provenance"][0]).parent
     click.echo(
         f"wrote {final}: similarity.csv ({len(result.table)} rows), {len(written['plots'])} plot(s), provenance.json"

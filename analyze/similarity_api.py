@@ -152,14 +152,7 @@ def analyze_similarity(
 
 
 def similarity(
-    runs: Runs,
-    measure: Any = None,
-    pairs: Any = None,
-    options: OptionsLike = None,
-    *,
-    cache_dir: str | os.PathLike[str] | None = None,
-    progress: bool = True,
-    **kwargs: Any,
+    runs: Runs, measure: Any = None, pairs: Any = None, options: OptionsLike = None, **kwargs: Any
 ) -> pd.DataFrame:
     """Representational similarity of the layers of stored runs, as a tidy table.
 
@@ -185,13 +178,14 @@ def similarity(
         (:data:`SIMILARITY_DEFAULTS`). ``thresholds`` and ``stats`` do not apply; ``compat`` and
         ``source="gram"`` are refused. ``device`` is where the reshaping (pooling, interpolation)
         runs; the moments are float64 numpy on the CPU.
-    cache_dir : path, optional
+    cache_dir : path, optional (keyword)
         Results store of the accumulators (:class:`analyze.cache.CovarianceCache`); a re-run with
         another measure computed from the same accumulator reads no activation.
-    progress : bool
+    progress : bool, default True (keyword)
         Show a progress bar.
     **kwargs
-        Any :class:`~analyze.AnalysisOptions` field.
+        Any :class:`~analyze.AnalysisOptions` field; and ``cache_dir`` (a path, default ``None``) and
+        ``progress`` (a bool, default ``True``), described above.
 
     Returns
     -------
@@ -242,9 +236,7 @@ def similarity(
     >>> table[["layer_a", "layer_b", "value"]].round(3).values.tolist()
     [['0', '0', 1.0], ['0', '2', 0.766], ['2', '0', 0.766], ['2', '2', 1.0]]
     """
-    return analyze_similarity(
-        runs, measure, pairs, options, cache_dir=cache_dir, progress=progress, **kwargs
-    ).table
+    return analyze_similarity(runs, measure, pairs, options, **kwargs).table
 
 
 def _tabulate(plan: SimilarityPlan, accumulators: list[dict[str, Accumulator]]) -> pd.DataFrame:
