@@ -14,13 +14,15 @@ A comparison only makes sense when its items hold the same samples in the same o
 store cannot see: it records rows, not sample identities. What it can see is checked here, and a
 mismatch is a one-line :class:`analyze.AnalysisError` naming the items: the same number of rows
 per rank, recorded in calls of the same sizes, by the same forward calls for the layers of one
-run and epoch, and the same number of matrix rows per sample (``channelwise`` gives one row per
-position of a conv map, so it compares only maps of the same size). Ranks are separate sample
+run and epoch, and the same number of matrix rows per sample under the reshaping rules
+(``channelwise`` gives one row per position of a conv map, so it compares only maps of the same
+size). Ranks are separate sample
 sets: rank ``r`` of one item is compared with rank ``r`` of the others.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,7 +36,7 @@ from analyze.plan import MAX_WIDTH, RunPlan, plan_analysis
 from analyze.selection import select_rows
 from analyze.similarity_measures import needs_of
 from capture.format import PHASES
-from capture.reshape import layout_of, matrix_width, resizes
+from capture.reshape import layout_of, matrix_width, to_matrix
 from capture.store import RankPart, RunInfo
 
 __all__ = [
@@ -180,14 +182,16 @@ def _check_raw(run: RunInfo, layer: str, options: AnalysisOptions) -> None:
             )
 
 
-def _rows_per_sample(run: RunInfo, layer: str, layout: str, method: str, options: AnalysisOptions) -> int:
-    """Matrix rows per recorded sample: the positions of a conv map for ``channelwise``, else 1."""
-    if layout != "conv" or method != "channelwise":
-        return 1
-    spatial = tuple(int(s) for s in run.layer(layer).sample_shape[1:])
-    if resizes(spatial, options.interpolation, options.downsample):
-        spatial = (int(options.downsample),) * len(spatial)  # type: ignore[arg-type]
-    return int(np.prod(spatial, dtype=np.int64))
+@functools.lru_cache(maxsize=256)
+def _rows_per_sample(
+    sample_shape: tuple[int, ...], layout: str, method: str, interpolation: str | None, downsample: int | None
+) -> int:
+    """Matrix rows per recorded sample under the reshaping rules (``to_matrix`` of one zero sample).
+
+    One for the per-sample methods; the positions of a conv map for ``channelwise``.
+    """
+    one = np.zeros((1, *sample_shape), dtype=np.float32)
+    return int(to_matrix(one, layout, method, interpolation=interpolation, downsample=downsample).shape[0])
 
 
 def _item_rows(run: RunInfo, part: RankPart, item: Item, options: AnalysisOptions) -> ItemRows:
@@ -200,7 +204,14 @@ def _item_rows(run: RunInfo, part: RankPart, item: Item, options: AnalysisOption
         interpolation=options.interpolation if layout == "conv" else None,
         downsample=options.downsample,
     )
-    per_sample = _rows_per_sample(run, item.layer, layout, item.method, options)
+    interpolation = options.interpolation if layout == "conv" else None
+    per_sample = _rows_per_sample(
+        tuple(rec.sample_shape),
+        layout,
+        item.method,
+        interpolation,
+        options.downsample if interpolation else None,
+    )
     if item.layer not in part.layers or not part.layers[item.layer].raw_array:
         return ItemRows((), (), 0, per_sample, width, layout)
     calls = part.calls
@@ -231,11 +242,13 @@ def _check_rows(items: Sequence[Item], rows: Sequence[ItemRows], pairs: str) -> 
     first, ref = items[0], rows[0]
     for item, got in zip(items[1:], rows[1:], strict=True):
         if got.rows_per_sample != ref.rows_per_sample:
+            conv = "conv" in (got.layout, ref.layout)
             raise AnalysisError.invalid(
-                "conv_methods",
-                f"'channelwise' gives {_describe(first)} {ref.rows_per_sample} rows per sample and "
-                f"{_describe(item)} {got.rows_per_sample}; similarity compares rows that correspond one to one: "
-                "use a per-sample conv method (mean, max, median, flatten) or compare conv maps of one size",
+                "conv_methods" if conv else "timeseries_methods",
+                f"{first.method!r} gives {_describe(first)} {ref.rows_per_sample} rows per sample and "
+                f"{item.method!r} gives {_describe(item)} {got.rows_per_sample}; similarity compares rows that "
+                "correspond one to one: use a per-sample method (conv maps: mean, max, median, flatten; "
+                "sequences: last_timestep, timestepwise) or compare layers of one map size",
             )
         if got.samples != ref.samples:
             raise AnalysisError(

@@ -252,7 +252,7 @@ def test_channelwise_compares_conv_maps_of_one_size_position_by_position(run_a) 
     assert_matches(table, single(tape), minibatch_size=100)
     with pytest.raises(
         AnalysisError,
-        match=r"^conv_methods: 'channelwise' gives layer 'conv' .* 25 rows per sample and layer 'fc' .* 1;",
+        match=r"^conv_methods: 'channelwise' gives layer 'conv' .* 25 rows per sample and 'none' gives layer 'fc' .* 1;",
     ) as info:
         similarity(path, layers=["conv", "fc"], conv_methods="channelwise", progress=False)
     assert info.value.argument == "conv_methods" and "\n" not in str(info.value)
