@@ -3,7 +3,9 @@
 ``delve-analyze stats RUN... -o OUT`` analyses run stores and writes an output folder
 (:func:`analyze.outputs.write_analysis`, with ``--report`` also the HTML report);
 ``delve-analyze report RUN... -o OUT`` writes the HTML report alone (:func:`analyze.publish_report`);
-``delve-analyze inspect RUN`` describes a store.
+``delve-analyze similarity RUN... -o OUT`` compares their layers
+(:func:`analyze.similarity_outputs.publish_similarity`); ``delve-analyze inspect RUN`` describes a
+store.
 
 The options that choose what is analysed (:func:`analysis_options`) are one click option per
 :class:`analyze.AnalysisOptions` field: click only parses them, :func:`options_from` builds the
@@ -33,18 +35,19 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
 import click
 
 from analyze.inspection import human_bytes
-from analyze.options import ON_ERROR, SCHEDULERS, SOURCES, AnalysisError, AnalysisOptions
+from analyze.options import ON_ERROR, PAIRS, SCHEDULERS, SOURCES, AnalysisError, AnalysisOptions
 from analyze.output_folder import check_output_dir, resolve_cache_dir
-from analyze.report_similarity import PAIRS
 from analyze.result import AnalysisResult
-from analyze.similarity_measures import MEASURE_NAMES
+from analyze.similarity_api import SIMILARITY_DEFAULTS
+from analyze.similarity_measures import MEASURE_NAMES, PARAMETERS
 from analyze.stats import SEMANTICS, STATS
 from capture.format import PHASES, StoreFormatError
 from capture.reshape import CONV_METHODS, INTERPOLATION_MODES, TIMESERIES_METHODS
@@ -68,6 +71,7 @@ __all__ = [
     "progress_from",
     "progress_option",
     "report_command",
+    "similarity_command",
     "stats_command",
 ]
 
@@ -139,12 +143,15 @@ def _default(value: Any) -> str:
     return f"  [default: {text}]"
 
 
-def analysis_options(verb: str = "analyse") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def analysis_options(
+    verb: str = "analyse", defaults: AnalysisOptions = _DEFAULTS, exclude: Sequence[str] = ()
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """The options that choose what is analysed: one per :class:`analyze.AnalysisOptions` field.
 
     Click parses them (numbers, repetitions); :func:`options_from` turns them into an
     :class:`~analyze.AnalysisOptions`, which validates them. An option the user does not give
-    takes the :class:`~analyze.AnalysisOptions` default. ``verb`` words the help texts.
+    takes its value in ``defaults`` (shown by ``--help``). ``verb`` words the help texts;
+    ``exclude`` names fields that the command does not offer (they keep their default).
     """
     options = [
         click.option(
@@ -153,27 +160,27 @@ def analysis_options(verb: str = "analyse") -> Callable[[Callable[..., Any]], Ca
             multiple=True,
             metavar="T",
             help="Variance threshold in (0, 1] for lsat / idim; repeat for several."
-            + _default(_DEFAULTS.thresholds),
+            + _default(defaults.thresholds),
         ),
         click.option(
             "--conv-method",
             "conv_methods",
             multiple=True,
             metavar=_choices(CONV_METHODS),
-            help="Reduction of conv maps; repeat for several." + _default(_DEFAULTS.conv_methods),
+            help="Reduction of conv maps; repeat for several." + _default(defaults.conv_methods),
         ),
         click.option(
             "--timeseries-method",
             "timeseries_methods",
             multiple=True,
             metavar=_choices(TIMESERIES_METHODS),
-            help="Reduction of sequences; repeat for several." + _default(_DEFAULTS.timeseries_methods),
+            help="Reduction of sequences; repeat for several." + _default(defaults.timeseries_methods),
         ),
         click.option(
             "--stats",
             "stats",
             metavar="LIST",
-            help=f"Comma-separated statistics, from: {', '.join(STATS)}." + _default(_DEFAULTS.stats),
+            help=f"Comma-separated statistics, from: {', '.join(STATS)}." + _default(defaults.stats),
         ),
         click.option(
             "--phase",
@@ -198,25 +205,25 @@ def analysis_options(verb: str = "analyse") -> Callable[[Callable[..., Any]], Ca
         click.option(
             "--device",
             metavar="cpu|cuda|cuda:i",
-            help="Where Gram products run." + _default(_DEFAULTS.device),
+            help="Where Gram products run." + _default(defaults.device),
         ),
         click.option(
             "--scheduler",
             metavar="|".join(SCHEDULERS) + "|ADDRESS",
             help="dask scheduler, or a dask.distributed scheduler address (tcp://host:port)."
-            + _default(_DEFAULTS.scheduler),
+            + _default(defaults.scheduler),
         ),
         click.option(
             "--source",
             metavar=_choices(SOURCES),
             help="Stored data to reduce: gram moments when they serve the request (auto), raw outputs, or gram."
-            + _default(_DEFAULTS.source),
+            + _default(defaults.source),
         ),
         click.option(
             "--on-error",
             metavar=_choices(ON_ERROR),
             help="On a layer that cannot be analysed: stop, or skip it and report it."
-            + _default(_DEFAULTS.on_error),
+            + _default(defaults.on_error),
         ),
         click.option("--log-interval", type=int, metavar="N", help="Use every N-th call of a layer."),
         click.option(
@@ -229,7 +236,15 @@ def analysis_options(verb: str = "analyse") -> Callable[[Callable[..., Any]], Ca
         ),
         click.option("--downsample", type=int, metavar="N", help="Target size of --interpolation."),
     ]
-    return _apply(options)
+    add = _apply(options)
+
+    def apply(command: Callable[..., Any]) -> Callable[..., Any]:
+        command = add(command)
+        params = command.__click_params__  # type: ignore[attr-defined]
+        command.__click_params__ = [p for p in params if p.name not in exclude]  # type: ignore[attr-defined]
+        return command
+
+    return apply
 
 
 def _apply(options: list[Callable[[Any], Any]]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -241,11 +256,14 @@ def _apply(options: list[Callable[[Any], Any]]) -> Callable[[Callable[..., Any]]
     return apply
 
 
-def options_from(ctx: click.Context, values: dict[str, Any]) -> AnalysisOptions:
+def options_from(
+    ctx: click.Context, values: dict[str, Any], defaults: AnalysisOptions | None = None
+) -> AnalysisOptions:
     """The :class:`~analyze.AnalysisOptions` of a command's parsed :func:`analysis_options`.
 
     ``values`` are the command's parameters (other names are ignored); options not given keep
-    their defaults. A refused value is a :class:`click.BadParameter` naming its option.
+    their value in ``defaults`` (by default :class:`~analyze.AnalysisOptions`' own). A refused
+    value is a :class:`click.BadParameter` naming its option.
     """
     given = {}
     for name in AnalysisOptions.keys():
@@ -256,7 +274,7 @@ def options_from(ctx: click.Context, values: dict[str, Any]) -> AnalysisOptions:
             value = tuple(n.strip() for n in value.split(",") if n.strip())
         given[name] = value
     try:
-        return AnalysisOptions(**given)
+        return AnalysisOptions(**given) if defaults is None else defaults.replace(**given)
     except AnalysisError as exc:
         param = next((p for p in ctx.command.params if p.name == exc.argument), None)
         if param is None:
@@ -314,6 +332,28 @@ def check_runs(runs: Sequence[str]) -> None:
             raise InputError(str(exc)) from None
 
 
+@contextmanager
+def _library_errors() -> Iterator[None]:
+    """The library's errors as one-line reports: bad input exits 2, a damaged store 1."""
+    from analyze.reduce import ChunkReadError
+
+    try:
+        yield
+    except _LIBRARY_ERRORS as exc:
+        raise InputError(one_line(exc)) from None
+    except ChunkReadError as exc:  # a damaged store: not a usage error, but no traceback either
+        raise click.ClickException(one_line(exc)) from None
+
+
+def check_target(out: Path, runs: Sequence[str]) -> None:
+    """Before any work: ``OUT`` may receive an output folder, and every store opens."""
+    try:
+        check_output_dir(out)
+    except FileExistsError as exc:
+        raise InputError(str(exc)) from None
+    check_runs(runs)
+
+
 # --------------------------------------------------------------------------- stats
 
 
@@ -336,21 +376,12 @@ def analyse_for_command(
     Skipped layers are reported on stderr (``Warning: ...``); bad input raises :class:`InputError`,
     a damaged store a :class:`click.ClickException`, and so does an analysis without any statistic.
     """
-    try:
-        check_output_dir(out)
-    except FileExistsError as exc:
-        raise InputError(str(exc)) from None
-    check_runs(runs)
+    check_target(out, runs)
 
     from analyze import api
-    from analyze.reduce import ChunkReadError
 
-    try:
+    with _library_errors():
         result = api.analyze_runs(list(runs), options, cache_dir=cache, progress=progress)
-    except _LIBRARY_ERRORS as exc:
-        raise InputError(one_line(exc)) from None
-    except ChunkReadError as exc:  # a damaged store: not a usage error, but no traceback either
-        raise click.ClickException(one_line(exc)) from None
 
     for failure in result.failures:
         where = f"epoch {failure.epoch}: " if failure.epoch is not None else ""
@@ -485,7 +516,7 @@ def report_command(
                 runs,
                 measures,
                 pairs or ("layers",),
-                options,
+                options_from(ctx, analysis, SIMILARITY_DEFAULTS),
                 cache_dir=cache,
                 progress=progress_from(progress),
             )
@@ -500,6 +531,96 @@ def report_command(
         raise InputError(str(exc)) from None
     size = human_bytes(path.stat().st_size)
     click.echo(f"wrote {path.parent}: report.html ({size}), provenance.json")
+
+
+# --------------------------------------------------------------------------- similarity
+
+
+def _similarity_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--measure``, ``--pairs``, ``--svcca-threshold``, ``--minibatch-size`` (validated by the options)."""
+    return _apply(
+        [
+            click.option(
+                "--measure",
+                "measures",
+                multiple=True,
+                metavar=_choices(MEASURE_NAMES),
+                help="Similarity measure; repeat for several." + _default(_DEFAULTS.measures),
+            ),
+            click.option(
+                "--pairs",
+                metavar=_choices(PAIRS),
+                help="Compare every pair of layers of a run and epoch (layers), each layer across epochs "
+                "(epochs), or each layer across runs (runs)." + _default(_DEFAULTS.pairs),
+            ),
+            click.option(
+                "--svcca-threshold",
+                metavar="T",
+                help="Share of each layer's variance kept by svcca, in (0, 1]."
+                + _default(PARAMETERS["svcca_threshold"].default),
+            ),
+            click.option(
+                "--minibatch-size",
+                metavar="N",
+                help="Consecutive rows per minibatch of minibatch_cka (>= 4)."
+                + _default(PARAMETERS["minibatch_size"].default),
+            ),
+        ]
+    )(command)
+
+
+#: Analysis options that do not apply to similarity (it reads raw rows and computes no statistic).
+_NOT_SIMILARITY = ("thresholds", "stats", "compat", "source")
+
+
+@click.command("similarity")
+@click.argument("runs", nargs=-1, required=True, metavar="RUN...")
+@out_option("Output folder (created; an earlier output folder is replaced as a whole).")
+@_similarity_options
+@analysis_options("compare", defaults=SIMILARITY_DEFAULTS, exclude=_NOT_SIMILARITY)
+@click.option("--no-plots", is_flag=True, help="Write similarity.csv and provenance.json only.")
+@cache_options
+@progress_option
+@click.pass_context
+def similarity_command(
+    ctx: click.Context,
+    runs: tuple[str, ...],
+    out: Path,
+    no_plots: bool,
+    cache_dir: Path | None,
+    no_cache: bool,
+    progress: bool | None,
+    **analysis: Any,
+) -> None:
+    """Compare the layers of run stores by representational similarity and write OUT.
+
+    OUT receives similarity.csv (run_a, epoch_a, layer_a, run_b, epoch_b, layer_b, phase,
+    conv_method, timeseries_method, measure, value), one heatmap per matrix in plots/ and
+    provenance.json. The stores must hold raw activations. OUT appears only once everything
+    is written.
+    """
+    import warnings
+
+    options = options_from(ctx, analysis, SIMILARITY_DEFAULTS)
+    cache = cache_dir_from(ctx, out, cache_dir, no_cache)
+    check_target(out, runs)
+
+    from analyze.similarity_api import analyze_similarity
+    from analyze.similarity_outputs import publish_similarity
+
+    with _library_errors():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = analyze_similarity(
+                list(runs), options=options, cache_dir=cache, progress=progress_from(progress)
+            )
+        for warning in caught:
+            click.echo(f"Warning: {one_line(warning.message)}", err=True)
+        written = publish_similarity(result, out, plots=not no_plots)
+    final = Path(written["provenance"][0]).parent
+    click.echo(
+        f"wrote {final}: similarity.csv ({len(result.table)} rows), {len(written['plots'])} plot(s), provenance.json"
+    )
 
 
 # --------------------------------------------------------------------------- inspect
@@ -569,7 +690,12 @@ def make_cli(commands: Sequence[click.Command]) -> click.Group:
 
 
 #: The analysis commands (``python -m analyze`` offers these).
-ANALYSIS_COMMANDS: tuple[click.Command, ...] = (stats_command, report_command, inspect_command)
+ANALYSIS_COMMANDS: tuple[click.Command, ...] = (
+    stats_command,
+    report_command,
+    similarity_command,
+    inspect_command,
+)
 #: ``python -m analyze``: the group of :data:`ANALYSIS_COMMANDS`.
 cli = make_cli(ANALYSIS_COMMANDS)
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from analyze.selection import Selection
+from analyze.similarity_measures import PARAMETERS, check_measure_options, check_measures
 from analyze.stats import DEFAULT_SEMANTICS, DELVE_SEMANTICS, SEMANTICS, STATS, check_threshold
 from capture.format import PHASES
 from capture.reshape import CONV_METHODS, INTERPOLATION_MODES, TIMESERIES_METHODS
@@ -31,6 +32,7 @@ __all__ = [
     "AnalysisError",
     "AnalysisOptions",
     "ON_ERROR",
+    "PAIRS",
     "POSITIONAL",
     "SCHEDULERS",
     "SOURCES",
@@ -44,6 +46,9 @@ SCHEDULERS = ("synchronous", "threads", "processes")
 SOURCES = ("auto", "raw", "gram")
 #: What happens to a layer that cannot be analysed: stop, or skip it and list it.
 ON_ERROR = ("raise", "skip")
+#: What :func:`analyze.similarity` compares: the layers of one run and epoch, one layer across
+#: epochs, or one layer across runs.
+PAIRS = ("layers", "epochs", "runs")
 #: The options :func:`analyze.analyze_runs` takes positionally after ``runs``, in order.
 POSITIONAL = (
     "thresholds",
@@ -257,6 +262,45 @@ def _calls(value: Any) -> tuple[int | None, int | None] | None:
     return tuple(None if v is None else int(v) for v in value)  # type: ignore[return-value]
 
 
+def _measures(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, str) and not isinstance(value, Iterable):
+        raise _Invalid(f"must be a measure name or a list of them, got {value!r}")
+    try:
+        return check_measures(value, argument="measure")
+    except ValueError as exc:
+        raise _Invalid(str(exc)) from None
+
+
+def _number(text: str) -> Any:
+    """``text`` as an int or a float when it is one, else ``text``.
+
+    Examples
+    --------
+    >>> _number("3"), _number("0.5"), _number("abc")
+    (3, 0.5, 'abc')
+    """
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _measure_option(name: str) -> Callable[[Any], Any]:
+    """A check by :func:`analyze.similarity_measures.check_measure_options` (the measures' registry)."""
+
+    def check(value: Any) -> Any:
+        if isinstance(value, str):  # a number typed on the command line is refused as the number
+            value = _number(value)
+        try:
+            return check_measure_options(**{name: value})[name]
+        except ValueError as exc:
+            raise _Invalid(str(exc)) from None
+
+    return check
+
+
 #: Field -> its check (returns the normalised value or raises :class:`_Invalid`).
 _CHECKS: dict[str, Callable[[Any], Any]] = {
     "thresholds": _thresholds,
@@ -277,6 +321,10 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "source": _choice(SOURCES),
     "on_error": _choice(ON_ERROR),
     "task_bytes": _positive_int(optional=False),
+    "measures": _measures,
+    "svcca_threshold": _measure_option("svcca_threshold"),
+    "minibatch_size": _measure_option("minibatch_size"),
+    "pairs": _choice(PAIRS),
 }
 
 
@@ -320,6 +368,15 @@ class AnalysisOptions:
         ``skip`` analyses the other layers and lists failures in the result.
     task_bytes : int, default 16 MiB
         Decoded bytes per dask task (does not change the results).
+    measures : str or sequence of str, default ("cka",)
+        Similarity measures of :func:`analyze.similarity`, from
+        :data:`analyze.similarity_measures.MEASURE_NAMES`.
+    svcca_threshold : float, default 0.99
+        Share of each layer's variance that the directions kept by ``svcca`` explain, in (0, 1].
+    minibatch_size : int, default 256
+        Consecutive rows per minibatch of ``minibatch_cka`` (at least 4).
+    pairs : {"layers", "epochs", "runs"}, default "layers"
+        What :func:`analyze.similarity` compares (see :data:`PAIRS`).
 
     Where a tuple is wanted, a single value is accepted (``thresholds=0.9``, ``stats="lsat"``);
     numeric strings are accepted as thresholds. Where to keep reduced covariances (the cache)
@@ -362,6 +419,10 @@ class AnalysisOptions:
     source: str = "auto"
     on_error: str = "raise"
     task_bytes: int = 16 * 2**20
+    measures: tuple[str, ...] = ("cka",)
+    svcca_threshold: float = PARAMETERS["svcca_threshold"].default
+    minibatch_size: int = PARAMETERS["minibatch_size"].default
+    pairs: str = "layers"
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -1,4 +1,4 @@
-"""Figures of an analysis: layer profiles, epoch x layer heatmaps, eigen-spectra and matrices.
+"""Figures of an analysis: layer profiles, epoch x layer heatmaps, eigen-spectra and similarity matrices.
 
 Every function draws on a fresh :class:`matplotlib.figure.Figure` with the Agg canvas and
 returns PNG bytes; pyplot's global state is never touched (no ``pyplot.show``, no figures
@@ -20,7 +20,7 @@ from matplotlib.colors import ListedColormap, Normalize
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 
-__all__ = ["layer_profile_png", "heatmap_png", "matrix_png", "spectrum_png", "figure_png"]
+__all__ = ["layer_profile_png", "heatmap_png", "matrix_png", "spectrum_png", "similarity_heatmap_png", "figure_png"]
 
 _DPI = 100
 #: Up to this many epochs the profile gets a legend; beyond it a colour bar.
@@ -266,5 +266,72 @@ def spectrum_png(spectra: Sequence[np.ndarray], layers: Sequence[str], title: st
     ax.set_title(title, fontsize=10)
     if layers:
         ax.legend(fontsize=8, loc="best", ncol=1 if len(layers) <= 12 else 2)
+    fig.tight_layout()
+    return figure_png(fig)
+
+
+#: Up to this many rows a similarity heatmap writes its values in the cells.
+_ANNOTATE_CELLS = 16
+
+
+def similarity_heatmap_png(
+    values: np.ndarray, labels: Sequence[object], axis: str, label: str, title: str
+) -> bytes:
+    """A square matrix of similarity values (rows: the ``_a`` side, columns: the ``_b`` side).
+
+    The colour scale runs from 0 (or the smallest value, when one is negative) to 1; NaN cells
+    are left blank. Matrices of up to 16 rows show their values in the cells.
+
+    Parameters
+    ----------
+    values : array_like, shape (n, n)
+    labels : sequence
+        The compared items (layers, epochs or runs), for both axes.
+    axis : str
+        What the labels are (``"layer"``, ``"epoch"``, ``"run"``).
+    label, title : str
+        The colour bar's label (the measure) and the title.
+
+    Examples
+    --------
+    >>> png = similarity_heatmap_png([[1.0, 0.4], [0.4, 1.0]], ["conv", "fc"], "layer", "cka", "t")
+    >>> png[:4] == b"\\x89PNG"
+    True
+    """
+    v = np.asarray(values, dtype=np.float64)
+    n = len(labels)
+    if v.shape != (n, n):
+        raise ValueError(f"values must have shape ({n}, {n}) for {n} labels, got {v.shape}")
+    side = float(min(max(4.5, 2.8 + 0.42 * n), 30.0))
+    fig = _figure(side + 1.2, side)
+    ax = fig.add_subplot()
+    finite = v[np.isfinite(v)]
+    vmin = min(0.0, float(finite.min())) if finite.size else 0.0
+    image = ax.imshow(
+        np.ma.masked_invalid(v), interpolation="nearest", cmap="viridis", vmin=vmin, vmax=1.0, aspect="equal"
+    )
+    names = [str(x) for x in labels]
+    step = max(1, n // 40)
+    ticks = np.arange(0, n, step)
+    ax.set_xticks(ticks, [names[i] for i in ticks], rotation=90)
+    ax.set_yticks(ticks, [names[i] for i in ticks])
+    ax.set_xlabel(axis)
+    ax.set_ylabel(axis)
+    if n <= _ANNOTATE_CELLS:
+        for i in range(n):
+            for j in range(n):
+                if np.isfinite(v[i, j]):
+                    dark = (v[i, j] - vmin) / (1.0 - vmin or 1.0) > 0.6
+                    ax.text(
+                        j,
+                        i,
+                        f"{v[i, j]:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="black" if dark else "white",
+                    )
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, label=label, shrink=0.8)
     fig.tight_layout()
     return figure_png(fig)

@@ -1,7 +1,7 @@
 """The full ``delve-analyze`` command line: the analysis commands plus ``demo``, ``sweep`` and ``compare``.
 
 :data:`cli` is built once, here, by :func:`analyze.cli.make_cli` from :data:`COMMANDS`: the
-analysis commands of :mod:`analyze.cli` (``stats``, ``inspect``) and this module's ``demo``,
+analysis commands of :mod:`analyze.cli` (``stats``, ``inspect``, ``similarity``) and this module's ``demo``,
 ``sweep`` and ``compare``. Each command parses its options, calls one library function and
 reports where the files are. Bad input exits with status 2 and one line on stderr
 (``Error: ...``).

@@ -2,7 +2,8 @@
 
 :func:`run_demo` trains two small models on the 1,797 digits that ship with scikit-learn
 (no download), captures their layers with :class:`capture.Recorder`, analyses the run stores
-with :func:`analyze.analyze_runs` and writes the analysis with :func:`analyze.write_outputs`
+with :func:`analyze.analyze_runs` and :func:`analyze.similarity` and writes the analysis with
+:func:`analyze.outputs.write_analysis`
 (:data:`MODELS` names each model's capture mode):
 
 ``cnn``
@@ -27,7 +28,11 @@ Output folder
     The run stores.
 ``{out}/analysis/``
     ``stats.csv``, the delve-format CSVs, ``plots/`` and ``provenance.json``
-    (see :mod:`analyze.outputs`).
+    (see :mod:`analyze.outputs`); and the representational similarity of each model's layers
+    (linear CKA, :func:`analyze.similarity`) on the held-out images: ``similarity_layers.csv``
+    (every pair of layers at every epoch) and ``similarity_epochs.csv`` (each layer with itself at
+    every other epoch), with one heatmap per matrix in ``plots/``
+    (see :mod:`analyze.similarity_outputs`).
 ``{out}/demo.json``
     Written last: what the demo ran (seed, epochs, models, accuracies), package versions and the
     SHA-256 of every other file; it marks the folder as a demo output, which a later demo may
@@ -64,7 +69,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from analyze import AnalysisResult, OutputFolder, analyze_runs, write_outputs
+from analyze import AnalysisResult, OutputFolder, analyze_runs, analyze_similarity
+from analyze.outputs import PROVENANCE_FORMAT, write_analysis
+from analyze.similarity_outputs import similarity_files
 from capture import Recorder
 
 __all__ = [
@@ -83,6 +90,8 @@ DEFAULT_EPOCHS = 8
 DEMO_MARKER = "demo.json"
 #: Threshold of the saturation shown in the report.
 THRESHOLD = 0.99
+#: The similarity matrices written: the measure, on the held-out images (the same samples every epoch).
+SIMILARITY = {"measure": "cka", "phases": ("eval",)}
 BATCH_SIZE = 32
 LEARNING_RATE = 2e-3
 TEST_FRACTION = 0.2
@@ -137,7 +146,8 @@ class DemoResult:
     analysis_dir : Path
         The analysis output folder (``stats.csv``, delve CSVs, ``plots/``, ``provenance.json``).
     files : dict
-        The analysis files, as :func:`analyze.write_outputs` returns them (kind -> paths).
+        The analysis files, as :func:`analyze.write_outputs` returns them (kind -> paths), plus
+        ``similarity`` (the two similarity tables); ``plots`` holds the similarity heatmaps too.
     result : AnalysisResult
         The analysis.
     summary : pandas.DataFrame
@@ -172,6 +182,9 @@ class DemoResult:
             "run stores:  " + ", ".join(f"{p} ({MODELS[m][1]})" for m, p in self.runs.items()),
             f"tidy table:  {self.analysis_dir / 'stats.csv'}",
             "delve CSVs:  " + ", ".join(str(self.analysis_dir / p.name) for p in files.get("delve_csv", [])),
+            "similarity:  "
+            + ", ".join(str(self.analysis_dir / p.name) for p in files.get("similarity", []))
+            + " (linear CKA on the held-out images)",
             f"plots:       {self.analysis_dir / 'plots'} ({len(files.get('plots', []))} PNG files)",
             f"provenance:  {self.analysis_dir / 'provenance.json'}",
             "",
@@ -345,6 +358,17 @@ def _summary(result: AnalysisResult, names: dict[str, str]) -> tuple[pd.DataFram
     return pd.DataFrame(rows), pd.DataFrame(acc_rows)
 
 
+def _write_similarity(stores: list[str], analysis: OutputFolder, progress: bool) -> dict[str, list[Path]]:
+    """CKA of every pair of layers (per epoch) and of each layer across epochs, into ``analysis``."""
+    written: dict[str, list[Path]] = {"similarity": [], "plots": []}
+    for pairs in ("layers", "epochs"):
+        result = analyze_similarity(stores, pairs=pairs, progress=progress, **SIMILARITY)
+        for kind, relative, data in similarity_files(result):
+            name = f"similarity_{pairs}.csv" if kind == "similarity" else relative
+            written[kind].append(analysis.write(name, data))
+    return written
+
+
 def run_demo(
     out: str | os.PathLike[str] = "demo-output",
     seed: int = 0,
@@ -413,8 +437,15 @@ def run_demo(
         for info in result.inputs.values():  # the stores' published paths, for provenance.json
             info["path"] = os.fspath(folder.final_path(info["path"]))
         if progress:
-            print("writing CSVs and plots ...", file=sys.stderr, flush=True)
-        written = write_outputs(result, folder.path / "analysis", plots=True)
+            print("comparing layers, writing CSVs and plots ...", file=sys.stderr, flush=True)
+        analysis = OutputFolder(folder.path / "analysis", format=PROVENANCE_FORMAT, staged=False)
+        similarity = _write_similarity([str(p) for p in staged.values()], analysis, progress)
+        written = write_analysis(result, analysis, plots=True)  # provenance last, hashing every file
+        written = {
+            **written,
+            "similarity": similarity["similarity"],
+            "plots": written["plots"] + similarity["plots"],
+        }
         files = {kind: [published(p) for p in paths] for kind, paths in written.items()}
         runs = {m: published(p) for m, p in staged.items()}
         names = dict(zip(runs, result.inputs, strict=True))  # model -> run name in the table

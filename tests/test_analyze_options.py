@@ -45,6 +45,10 @@ EVERY_FIELD = {
     "source": "raw",
     "on_error": "skip",
     "task_bytes": 2**20,
+    "measures": ("svcca", "cka"),
+    "svcca_threshold": 0.95,
+    "minibatch_size": 64,
+    "pairs": "epochs",
 }
 
 

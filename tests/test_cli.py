@@ -369,8 +369,16 @@ def test_one_factory_builds_every_group() -> None:
     import pipelines.cli
     from analyze.cli import ANALYSIS_COMMANDS, make_cli
 
-    assert sorted(cli.commands) == ["inspect", "report", "stats"]  # python -m analyze: the analysis commands
-    assert sorted(pipelines.cli.cli.commands) == ["compare", "demo", "inspect", "report", "stats", "sweep"]
+    assert sorted(cli.commands) == ["inspect", "report", "similarity", "stats"]  # python -m analyze
+    assert sorted(pipelines.cli.cli.commands) == [
+        "compare",
+        "demo",
+        "inspect",
+        "report",
+        "similarity",
+        "stats",
+        "sweep",
+    ]
     for command in ANALYSIS_COMMANDS:  # the same command objects in both groups
         assert pipelines.cli.cli.commands[command.name] is command is cli.commands[command.name]
     group = make_cli([ANALYSIS_COMMANDS[-1]])

@@ -54,6 +54,30 @@ def test_files_exist(demo: tuple[DemoResult, bytes, tuple]) -> None:
     assert marker["complete"] is True and marker["seed"] == 0 and marker["epochs"] == EPOCHS
 
 
+def test_similarity_matrices_of_both_models(demo: tuple[DemoResult, bytes, tuple]) -> None:
+    from analyze import similarity
+    from analyze.outputs import table_csv
+
+    result, _, _ = demo
+    assert [p.name for p in result.files["similarity"]] == ["similarity_layers.csv", "similarity_epochs.csv"]
+    runs = [str(result.runs[m]) for m in ("cnn", "mlp")]
+    for path in result.files["similarity"]:
+        pairs = path.stem.split("_")[1]
+        expected = similarity(runs, "cka", pairs=pairs, phases="eval", progress=False)
+        assert path.read_bytes() == table_csv(expected)
+        table = pd.read_csv(path)
+        assert set(table["run_a"]) == {"cnn", "mlp"} and set(table["measure"]) == {"cka"}
+        assert table["value"].between(0, 1 + 1e-12).all()
+    names = {p.name for p in result.files["plots"]}
+    for model, layers in (("cnn", ("conv1", "conv2", "fc1", "fc2")), ("mlp", ("fc1", "fc2", "fc3"))):
+        for epoch in range(EPOCHS):
+            assert f"{model}_mean_last_timestep_eval_cka_layers_epoch{epoch}.png" in names
+        for layer in layers:
+            assert f"{model}_mean_last_timestep_eval_cka_epochs_{layer}.png" in names
+    provenance = json.loads((result.analysis_dir / "provenance.json").read_text())
+    assert {"similarity_layers.csv", "similarity_epochs.csv"} <= set(provenance["files"])
+
+
 def test_table_values(demo: tuple[DemoResult, bytes, tuple]) -> None:
     result, _, _ = demo
     table = _stats(result)

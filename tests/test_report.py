@@ -32,9 +32,9 @@ from analyze.report_similarity import (
     SIMILARITY_COLUMNS,
     check_similarity,
     compute_similarity,
-    similarity_available,
 )
 from analyze.result import LayerFailure, SpectrumKey
+from analyze.similarity_api import SIMILARITY_DEFAULTS
 
 VERSIONS = {"python": "3.x", "delve-pipeline": "0.1.0", "numpy": "2.x"}
 CREATED = '<time datetime="[^"]*">[^<]*</time>'
@@ -440,18 +440,12 @@ def test_report_command_refuses_missing_stores_and_foreign_folders(runs: list[Pa
     assert_usage_error(invoke("report", "-o", tmp_path / "x"), "RUN")
 
 
-def test_similarity_option_needs_analyze_similarity(runs: list[Path], tmp_path: Path) -> None:
-    """Without analyze.similarity, a clear error; with it, its matrices in the report."""
+def test_report_shows_the_similarity_matrices(runs: list[Path], tmp_path: Path) -> None:
+    """With --similarity, the matrices of analyze.similarity in the report."""
     out = tmp_path / "rep"
     res = invoke("report", runs[0], "-o", out, "--similarity", "cka")
-    if not similarity_available():
-        assert_usage_error(res, "'--similarity'", "analyze.similarity is not available")
-        assert not out.exists()
-        with pytest.raises(ImportError, match="analyze.similarity is not available"):
-            compute_similarity(runs[:1], ["cka"], ["layers"], AnalysisOptions())
-        return
     assert res.exit_code == 0, (res.stderr, res.exception)
-    frame = compute_similarity(runs[:1], ["cka"], ["layers"], AnalysisOptions(), progress=False)
+    frame = compute_similarity(runs[:1], ["cka"], ["layers"], SIMILARITY_DEFAULTS, progress=False)
     assert list(frame.columns) == list(SIMILARITY_COLUMNS)
     itself = frame[(frame.layer_a == frame.layer_b) & (frame.epoch_a == frame.epoch_b)]
     np.testing.assert_allclose(itself["value"], 1.0, rtol=1e-10)  # CKA of a layer with itself

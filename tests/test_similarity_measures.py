@@ -19,6 +19,13 @@ import dask
 import numpy as np
 import pytest
 import torch
+from _similarity_refs import (
+    REFERENCES,
+    centred,
+    ref_cka_debiased,
+    ref_minibatch_cka,
+    ref_svcca,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -26,7 +33,6 @@ from torch import nn
 import analyze.similarity_measures as measures_module
 import analyze.similarity_moments as moments_module
 from analyze.similarity_measures import (
-    CCA_RANK_TOLERANCE,
     DEGENERATE_VALUE,
     MEASURE_NAMES,
     MEASURES,
@@ -46,96 +52,6 @@ from capture.reshape import to_matrix
 
 RTOL = 1e-10
 MOMENT_MEASURES = tuple(n for n in MEASURE_NAMES if MEASURES[n].needs == "moments")
-
-# --------------------------------------------------------------------------- references (in memory)
-
-
-def _centred(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    return x - x.mean(axis=0)
-
-
-def ref_cka(x: np.ndarray, y: np.ndarray) -> float:
-    xc, yc = _centred(x), _centred(y)
-    den = np.linalg.norm(xc.T @ xc) * np.linalg.norm(yc.T @ yc)
-    return 0.0 if den == 0 else float(np.linalg.norm(xc.T @ yc) ** 2 / den)
-
-
-def ref_hsic_unbiased(k: np.ndarray, l: np.ndarray) -> float:  # noqa: E741 - the paper's name
-    """Song et al. (2012), eq. (5): the diagonals are zeroed, then the three terms."""
-    n = k.shape[0]
-    kt, lt = k - np.diag(np.diag(k)), l - np.diag(np.diag(l))
-    ones = np.ones(n)
-    return float(
-        (
-            np.einsum("ij,ji->", kt, lt)  # tr(K~ L~)
-            + (ones @ kt @ ones) * (ones @ lt @ ones) / ((n - 1) * (n - 2))
-            - 2.0 / (n - 2) * (ones @ kt @ lt @ ones)
-        )
-        / (n * (n - 3))
-    )
-
-
-def _ratio(kl: float, kk: float, ll: float) -> float:
-    return 0.0 if kk <= 0 or ll <= 0 else kl / np.sqrt(kk * ll)
-
-
-def ref_cka_debiased(x: np.ndarray, y: np.ndarray, centre: bool = True) -> float:
-    """Gram matrices of the data (centred first unless ``centre=False``: the estimator is invariant)."""
-    xs, ys = (_centred(x), _centred(y)) if centre else (np.asarray(x, float), np.asarray(y, float))
-    k, l = xs @ xs.T, ys @ ys.T  # noqa: E741
-    return _ratio(ref_hsic_unbiased(k, l), ref_hsic_unbiased(k, k), ref_hsic_unbiased(l, l))
-
-
-def ref_minibatch_cka(x: np.ndarray, y: np.ndarray, size: int) -> float:
-    kl = kk = ll = 0.0
-    for lo in range(0, x.shape[0], size):
-        xb, yb = _centred(x[lo : lo + size]), _centred(y[lo : lo + size])
-        if xb.shape[0] < 4:
-            continue
-        k, l = xb @ xb.T, yb @ yb.T  # noqa: E741
-        kl += ref_hsic_unbiased(k, l)
-        kk += ref_hsic_unbiased(k, k)
-        ll += ref_hsic_unbiased(l, l)
-    return _ratio(kl, kk, ll)
-
-
-def _basis(x: np.ndarray, threshold: float | None) -> tuple[np.ndarray, np.ndarray]:
-    """Orthonormal basis of the centred data's kept principal directions (from its SVD) and the kept
-    right singular vectors. ``threshold``: the SVCCA truncation (share of the variance s^2)."""
-    u, s, vt = np.linalg.svd(_centred(x), full_matrices=False)
-    var = s**2
-    k = int(np.count_nonzero(var > CCA_RANK_TOLERANCE * var[0])) if var[0] > 0 else 0
-    if threshold is not None and k:
-        k = min(k, int(np.searchsorted(np.cumsum(var) / var.sum(), threshold - 1e-12)) + 1)
-    return u[:, :k], vt[:k].T
-
-
-def ref_svcca(x: np.ndarray, y: np.ndarray, threshold: float = 0.99) -> float:
-    (_, vx), (_, vy) = _basis(x, threshold), _basis(y, threshold)
-    if vx.shape[1] == 0 or vy.shape[1] == 0:
-        return 0.0
-    qx, _ = np.linalg.qr(_centred(x) @ vx)  # the SVD-reduced layer, then CCA by QR + SVD
-    qy, _ = np.linalg.qr(_centred(y) @ vy)
-    return float(np.mean(np.linalg.svd(qx.T @ qy, compute_uv=False)))
-
-
-def ref_pwcca(x: np.ndarray, y: np.ndarray) -> float:
-    (qx, _), (qy, _) = _basis(x, None), _basis(y, None)
-    if qx.shape[1] == 0 or qy.shape[1] == 0:
-        return 0.0
-    u, rho, vt = np.linalg.svd(qx.T @ qy, full_matrices=False)
-    h, neurons = (qx @ u, _centred(x)) if qx.shape[1] <= qy.shape[1] else (qy @ vt.T, _centred(y))
-    alpha = np.abs(h.T @ neurons).sum(axis=1)  # alpha_i = sum_j |<h_i, x_j>|
-    return float(np.sum(alpha * rho) / np.sum(alpha))
-
-
-REFERENCES: dict[str, Callable[..., float]] = {
-    "cka": ref_cka,
-    "cka_debiased": ref_cka_debiased,
-    "svcca": ref_svcca,
-    "pwcca": ref_pwcca,
-}
 
 # --------------------------------------------------------------------------- streaming helpers
 
@@ -374,8 +290,8 @@ def test_streamed_terms_equal_their_definitions_for_the_final_mean() -> None:
     """m2 blocks, S = sum_k a_ik a_jk and R_ij = sum_k a_ik x~_jk, all centred on the final mean."""
     layers = random_layers()
     source = stream_moments(layers, _chunkings(300)[3])
-    z = np.hstack([_centred(v) for v in layers.values()])
-    norms = np.stack([np.sum(_centred(v) ** 2, axis=1) for v in layers.values()], axis=1)
+    z = np.hstack([centred(v) for v in layers.values()])
+    norms = np.stack([np.sum(centred(v) ** 2, axis=1) for v in layers.values()], axis=1)
     np.testing.assert_allclose(source.mean, np.hstack([v.mean(0) for v in layers.values()]), rtol=1e-14)
     np.testing.assert_allclose(source.m2, z.T @ z, rtol=1e-11, atol=1e-11 * np.abs(z.T @ z).max())
     np.testing.assert_allclose(source.norm_products, norms.T @ norms, rtol=1e-11)
@@ -388,7 +304,7 @@ def test_feature_space_debiased_hsic_equals_the_gram_formula_step_by_step() -> N
     """tr(K~L~) = ||X~'Y~||^2 - a.b; 1'K~1 = -tr(X~'X~); 1'K~L~1 = a.b; and translation invariance."""
     rng = np.random.default_rng(7)
     x, y = rng.normal(size=(40, 5)), rng.normal(size=(40, 3)) + 0.5 * rng.normal(size=(40, 1))
-    xc, yc = _centred(x), _centred(y)
+    xc, yc = centred(x), centred(y)
     k, l = xc @ xc.T, yc @ yc.T  # noqa: E741
     kt, lt = k - np.diag(np.diag(k)), l - np.diag(np.diag(l))
     a, b = np.diag(k), np.diag(l)
