@@ -35,6 +35,7 @@ __all__ = [
     "similarity",
     "similarity_matrices",
     "similarity_options",
+    "similarity_range",
 ]
 
 #: Columns of the similarity table, in order.
@@ -273,6 +274,19 @@ def _tabulate(plan: SimilarityPlan, accumulators: list[dict[str, Accumulator]]) 
 
 
 # --------------------------------------------------------------------------- matrices
+
+
+def similarity_range(values: Any) -> tuple[float, float]:
+    """The colour range of similarity values: from 0 (or the smallest value, when one is negative) to 1.
+
+    Examples
+    --------
+    >>> similarity_range([0.2, 1.0]), similarity_range([[-0.05, np.nan], [1.0, 0.3]])
+    ((0.0, 1.0), (-0.05, 1.0))
+    """
+    v = np.asarray(values, dtype=np.float64)
+    finite = v[np.isfinite(v)]
+    return (min(0.0, float(finite.min())) if finite.size else 0.0, 1.0)
 
 
 class SimilarityMatrix(NamedTuple):

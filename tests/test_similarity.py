@@ -46,7 +46,9 @@ from analyze import (
     similarity_matrices,
 )
 from analyze.outputs import table_csv
+from analyze.similarity_api import SimilarityResult
 from analyze.similarity_io import chunk_reads
+from analyze.similarity_outputs import similarity_files
 from capture import Recorder
 from capture.reshape import to_matrix
 from capture.store import open_run
@@ -665,6 +667,46 @@ def test_heatmaps_are_the_same_bytes_each_time(run_a, tmp_path: Path) -> None:
     assert [p.read_bytes() for p in first["plots"]] == [p.read_bytes() for p in second["plots"]]
 
 
+def test_heatmaps_draw_the_tables_values(run_a) -> None:
+    path, _ = run_a
+    result = analyze_similarity(path, "cka_debiased", phases="eval", epochs="last", progress=False)
+    ((kind, name, png),) = [f for f in similarity_files(result) if f[0] == "plots"]
+    assert name == "plots/a_mean_last_timestep_eval_cka_debiased_layers_epoch1.png"
+    table = result.table
+    layers = list(dict.fromkeys(table["layer_a"]))
+    expected = np.full((len(layers), len(layers)), np.nan)
+    for row in table.itertuples():
+        expected[layers.index(row.layer_a), layers.index(row.layer_b)] = row.value
+    assert np.isfinite(expected).all()
+    np.testing.assert_allclose(np.diag(expected), 1.0, rtol=1e-10)  # a layer with itself
+    title = "cka_debiased, layer x layer\na, epoch 1, eval | mean | last_timestep"
+    assert png == analyze.plots.matrix_png(
+        expected,
+        layers,
+        layers,
+        "cka_debiased",
+        title,
+        xlabel="layer",
+        ylabel="layer",
+        vlim=(min(0.0, expected.min()), 1.0),
+    )
+
+
+def test_heatmaps_draw_names_as_text() -> None:
+    """A '$' in a run or layer name is a character, not the start of mathtext (which would fail)."""
+    names = ["$\\frac$ a", "b$"]
+    rows = [
+        ("r$", 0, a, "r$", 0, b, "eval", "mean", "last_timestep", "cka", 1.0 if a == b else 0.5)
+        for a in names
+        for b in names
+    ]
+    table = pd.DataFrame(rows, columns=list(SIMILARITY_COLUMNS))
+    result = SimilarityResult(table=table, options={"pairs": "layers"})
+    plots = [(name, png) for kind, name, png in similarity_files(result) if kind == "plots"]
+    assert [name for name, _ in plots] == ["plots/r-_mean_last_timestep_eval_cka_layers_epoch0.png"]
+    assert plots[0][1][:4] == b"\x89PNG"
+
+
 def test_command_errors_are_one_line_and_write_nothing(run_a, tmp_path: Path) -> None:
     path, _ = run_a
     out = tmp_path / "out"
@@ -725,7 +767,7 @@ def test_a_failure_while_writing_leaves_the_earlier_output_as_it_was(
     publish_similarity(result, out)
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     calls = {"n": 0}
-    real = analyze.plots.similarity_heatmap_png
+    real = analyze.plots.matrix_png
 
     def failing(*args: Any, **kwargs: Any) -> bytes:
         calls["n"] += 1
@@ -733,7 +775,7 @@ def test_a_failure_while_writing_leaves_the_earlier_output_as_it_was(
             raise OSError("No space left on device")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(analyze.plots, "similarity_heatmap_png", failing)
+    monkeypatch.setattr(analyze.plots, "matrix_png", failing)
     with pytest.raises(OSError, match="No space left"):
         publish_similarity(analyze_similarity(path, "svcca", progress=False), out)
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
