@@ -46,7 +46,7 @@ from analyze import (
     similarity_matrices,
 )
 from analyze.outputs import table_csv
-from analyze.similarity_api import SimilarityResult
+from analyze.similarity_api import SimilarityResult, split_pairs
 from analyze.similarity_io import chunk_reads
 from analyze.similarity_outputs import similarity_files
 from capture import Recorder
@@ -705,6 +705,27 @@ def test_heatmaps_draw_names_as_text() -> None:
     plots = [(name, png) for kind, name, png in similarity_files(result) if kind == "plots"]
     assert [name for name, _ in plots] == ["plots/r-_mean_last_timestep_eval_cka_layers_epoch0.png"]
     assert plots[0][1][:4] == b"\x89PNG"
+
+
+def test_tables_of_several_kinds_of_pairs_split_into_their_matrices(run_a, run_b) -> None:
+    (path_a, _), (path_b, _) = run_a, run_b
+    tables = {
+        pairs: similarity([path_a, path_b], ["cka", "svcca"], pairs, phases="eval", progress=False)
+        for pairs in ("layers", "epochs", "runs")
+    }
+    last = similarity(path_a, "cka", "epochs", phases="eval", epochs="last", progress=False)  # 1 x 1 each
+    split = split_pairs(pd.concat([*tables.values()], ignore_index=True))
+    assert list(split) == ["layers", "epochs", "runs"]
+    for pairs, table in [*tables.items(), ("epochs", last)]:
+        got = similarity_matrices(split_pairs(table)[pairs] if table is last else split[pairs], pairs)
+        want = similarity_matrices(table, pairs)
+        assert [(m.fixed, m.labels) for m in got] == [(m.fixed, m.labels) for m in want]
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(g.values, w.values)
+    assert list(split_pairs(last)) == ["epochs"]
+    across = tables["layers"].assign(run_b="b")
+    with pytest.raises(ValueError, match="row 1 compares run 'a' epoch 0 layer 'conv' with run 'b' epoch 0"):
+        split_pairs(across)
 
 
 def test_command_errors_are_one_line_and_write_nothing(run_a, tmp_path: Path) -> None:
