@@ -345,6 +345,18 @@ def _library_errors() -> Iterator[None]:
         raise click.ClickException(one_line(exc)) from None
 
 
+@contextmanager
+def _warnings_on_stderr() -> Iterator[None]:
+    """The library's warnings of the block, each as one line ``Warning: ...`` on stderr after it."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for warning in caught:
+        click.echo(f"Warning: {one_line(warning.message)}", err=True)
+
+
 def check_target(out: Path, runs: Sequence[str]) -> None:
     """Before any work: ``OUT`` may receive an output folder, and every store opens."""
     try:
@@ -463,8 +475,8 @@ def stats_command(
     multiple=True,
     type=click.Choice(MEASURE_NAMES),
     metavar=_choices(MEASURE_NAMES),
-    help="Also draw the representational similarity matrices of this measure (needs analyze.similarity); "
-    "repeat for several.",
+    help="Also draw the representational similarity matrices of this measure (conv maps pooled by mean "
+    "unless --conv-method is given); repeat for several.",
 )
 @click.option(
     "--similarity-pairs",
@@ -472,8 +484,8 @@ def stats_command(
     multiple=True,
     type=click.Choice(PAIRS),
     metavar=_choices(PAIRS),
-    help="What the similarity matrices compare: layers of an epoch, a layer over epochs, layers of "
-    "different runs; repeat for several.  [default: layers]",
+    help="What the similarity matrices compare: layers of an epoch, a layer over epochs, a layer across "
+    "runs; repeat for several.  [default: layers]",
 )
 @cache_options
 @progress_option
@@ -497,21 +509,16 @@ def report_command(
     --similarity, and the options and package versions used. OUT (report.html and
     provenance.json) appears only once everything is written.
     """
-    from analyze.report_similarity import compute_similarity, similarity_available
+    from analyze.report_similarity import compute_similarity
 
     options = options_from(ctx, analysis)
     cache = cache_dir_from(ctx, out, cache_dir, no_cache)
     if pairs and not measures:
         raise click.UsageError("--similarity-pairs needs --similarity", ctx)
-    if measures and not similarity_available():
-        param = next(p for p in ctx.command.params if p.name == "measures")
-        raise click.BadParameter(
-            "analyze.similarity is not available in this version of delve-pipeline", ctx, param
-        )
     result = analyse_for_command(runs, out, options, cache, progress_from(progress))
     frame = None
     if measures:
-        try:
+        with _library_errors(), _warnings_on_stderr():
             frame = compute_similarity(
                 runs,
                 measures,
@@ -520,8 +527,6 @@ def report_command(
                 cache_dir=cache,
                 progress=progress_from(progress),
             )
-        except _LIBRARY_ERRORS as exc:
-            raise InputError(one_line(exc)) from None
 
     from analyze.report import publish_report
 
@@ -599,8 +604,6 @@ def similarity_command(
     provenance.json. The stores must hold raw activations. OUT appears only once everything
     is written.
     """
-    import warnings
-
     options = options_from(ctx, analysis, SIMILARITY_DEFAULTS)
     cache = cache_dir_from(ctx, out, cache_dir, no_cache)
     check_target(out, runs)
@@ -609,13 +612,10 @@ def similarity_command(
     from analyze.similarity_outputs import publish_similarity
 
     with _library_errors():
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with _warnings_on_stderr():
             result = analyze_similarity(
                 list(runs), options=options, cache_dir=cache, progress=progress_from(progress)
             )
-        for warning in caught:
-            click.echo(f"Warning: {one_line(warning.message)}", err=True)
         written = publish_similarity(result, out, plots=not no_plots)
     final = Path(written["provenance"][0]).parent
     click.echo(

@@ -31,9 +31,9 @@ from analyze.result import LayerFailure
 from analyze.selection import select_rows
 from analyze.stats import spectrum_of
 from capture.format import PHASES
-from capture.store import open_run
+from capture.store import RankPart, open_run
 
-__all__ = ["Entry", "Reduction", "reduce_covariances"]
+__all__ = ["Entry", "Reduction", "compute_with_progress", "raw_source", "reduce_covariances"]
 
 #: A reduced covariance: its spectrum fields (``raw``, ``trace``, ``vectors``, ``cov``, ...) plus
 #: ``count``, ``nonfinite`` and ``mean``, as numpy arrays (what the cache stores).
@@ -107,12 +107,12 @@ def _compute_pending(
     """Compute the layers' graphs (all at once, or one by one with ``on_error="skip"``); cache them."""
     keys = list(pending)
     if on_error == "raise":
-        computed = _compute([pending[k][1] for k in keys], scheduler, progress, "reducing")
+        computed = compute_with_progress([pending[k][1] for k in keys], scheduler, progress, "reducing")
     else:
         computed = []
         for k in keys:
             try:
-                (value,) = _compute([pending[k][1]], scheduler, progress, f"reducing {k[1]}")
+                (value,) = compute_with_progress([pending[k][1]], scheduler, progress, f"reducing {k[1]}")
             except Exception as exc:  # noqa: BLE001 - reported per layer
                 out.failed.append(LayerFailure(k[0], k[1], None, f"{type(exc).__name__}: {exc}"))
                 value = None
@@ -128,8 +128,19 @@ def _compute_pending(
                 cache.put(cache_keys[cov_key], entry)
 
 
-def _compute(objs: list[Any], scheduler: str, progress: bool, desc: str) -> list[Any]:
-    """Compute dask objects with the scheduler, showing a progress bar."""
+def compute_with_progress(objs: list[Any], scheduler: str, progress: bool, desc: str) -> list[Any]:
+    """Compute dask objects with a scheduler, with a progress bar (tqdm) named ``desc`` when ``progress``.
+
+    ``scheduler`` is a local scheduler name (:data:`analyze.options.SCHEDULERS`: the bar counts
+    tasks) or the address of a ``dask.distributed`` scheduler (the bar counts the objects).
+    Returns the computed values, in the order of ``objs``.
+
+    Examples
+    --------
+    >>> from dask import delayed
+    >>> compute_with_progress([delayed(sum)([1, 2]), delayed(max)(3, 4)], "synchronous", False, "adding")
+    [3, 4]
+    """
     if not objs:
         return []
     if scheduler in SCHEDULERS:
@@ -175,7 +186,6 @@ def _layer_graph(plan: LayerPlan, misses: list[CovarianceKey], need_cov: bool, t
             continue
         rec = part.layers[layer]
         if plan.source == "raw":
-            raw = part.raw(layer)
             calls = part.calls
             groups = {}
             for e, p in groups_wanted:
@@ -184,19 +194,9 @@ def _layer_graph(plan: LayerPlan, misses: list[CovarianceKey], need_cov: bool, t
                 ranges = select_rows(sel[:, 3], sel[:, 4], sel[:, 5], plan.selection)
                 if ranges:
                     groups[(e, p)] = ranges
-            src = RawSource(
-                store=run.path,
-                array_path=f"{part.group.path}/{rec.raw_array}",
-                stored_dtype=rec.stored_dtype or "float32",
-                layout=plan.layout,
-                chunk_rows=raw.chunk_rows,
-                rows=raw.rows,
-                interpolation=plan.interpolation,
-                downsample=plan.downsample,
-                device=plan.device,
-                label=f"{run.path}: layer {layer!r}",
+            src, row_bytes = raw_source(
+                run.path, part, layer, plan.layout, plan.interpolation, plan.downsample, plan.device
             )
-            row_bytes = int(np.prod(rec.sample_shape, dtype=np.int64)) * raw.dtype.itemsize
             per_rank.append(
                 raw_reduction_graph(src, groups, methods, task_bytes=task_bytes, row_bytes=row_bytes)
             )
@@ -207,6 +207,36 @@ def _layer_graph(plan: LayerPlan, misses: list[CovarianceKey], need_cov: bool, t
                 )
             )
     return delayed(_finish_layer, pure=True)(per_rank, sorted(misses), need_cov)
+
+
+def raw_source(
+    store: str,
+    part: RankPart,
+    layer: str,
+    layout: str,
+    interpolation: str | None = None,
+    downsample: int | None = None,
+    device: str = "cpu",
+) -> tuple[RawSource, int]:
+    """The raw array of ``layer`` in one rank group of a run store, and the bytes of one stored row.
+
+    ``layout``, ``interpolation``, ``downsample`` and ``device`` say how its rows become matrices
+    (:func:`capture.reshape.to_matrix`); ``store`` is the run's path, named with the layer in errors.
+    """
+    rec, raw = part.layers[layer], part.raw(layer)
+    src = RawSource(
+        store=store,
+        array_path=f"{part.group.path}/{rec.raw_array}",
+        stored_dtype=rec.stored_dtype or "float32",
+        layout=layout,
+        chunk_rows=raw.chunk_rows,
+        rows=raw.rows,
+        interpolation=interpolation,
+        downsample=downsample,
+        device=device,
+        label=f"{store}: layer {layer!r}",
+    )
+    return src, int(np.prod(rec.sample_shape, dtype=np.int64)) * raw.dtype.itemsize
 
 
 def _gram_partials(

@@ -19,8 +19,9 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import ListedColormap, Normalize
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
+from mpl_toolkits.axes_grid1 import make_axes_locatable
 
-__all__ = ["layer_profile_png", "heatmap_png", "matrix_png", "spectrum_png", "similarity_heatmap_png", "figure_png"]
+__all__ = ["figure_png", "heatmap_png", "layer_profile_png", "matrix_png", "spectrum_png"]
 
 _DPI = 100
 #: Up to this many epochs the profile gets a legend; beyond it a colour bar.
@@ -173,14 +174,28 @@ def heatmap_png(
     return figure_png(fig)
 
 
-#: Up to this many cells a matrix shows its values as text.
-_ANNOTATE_CELLS = 144
+#: Up to this many cells (a 16 x 16 matrix) a matrix shows its values as text.
+_ANNOTATE_CELLS = 256
+#: Beyond this many rows (or columns) a matrix labels every n-th of them only.
+_MAX_TICKS = 40
+
+
+def _plain(text: str) -> str:
+    """``text`` as matplotlib draws it literally: a ``$`` would start mathtext."""
+    return text.replace("$", r"\$")
+
+
+def _ticks(labels: Sequence[object]) -> tuple[np.ndarray, list[str]]:
+    """Positions and texts of the tick labels of a matrix axis: all, or every n-th beyond 40."""
+    step = max(1, len(labels) // _MAX_TICKS)
+    positions = np.arange(0, len(labels), step)
+    return positions, [_plain(str(labels[i])) for i in positions]
 
 
 def matrix_png(
     values: np.ndarray,
-    rows: Sequence[str],
-    cols: Sequence[str],
+    rows: Sequence[object],
+    cols: Sequence[object],
     label: str,
     title: str,
     *,
@@ -190,16 +205,18 @@ def matrix_png(
 ) -> bytes:
     """A matrix of values with labelled rows (top to bottom) and columns, e.g. layer x layer similarity.
 
-    NaN cells are left blank. Up to 144 cells, each shows its value (two decimals).
+    NaN cells are left blank. Up to 256 cells (16 x 16), each shows its value (two decimals);
+    beyond 40 rows or columns, every n-th is labelled.
 
     Parameters
     ----------
     values : array_like, shape (rows, cols)
-    rows, cols : sequence of str
-        Labels of the rows and columns.
+    rows, cols : sequence
+        Labels of the rows and columns (drawn as ``str``).
     label : str
         Label of the colour bar.
     title, xlabel, ylabel : str
+        The title may hold line breaks. Every text is drawn as it is (a ``$`` starts no mathtext).
     vlim : tuple of float, optional
         Fixed range of the colour scale (default: the finite values' range).
 
@@ -214,19 +231,21 @@ def matrix_png(
         raise ValueError(f"values must have shape (rows, cols) = {(len(rows), len(cols))}, got {v.shape}")
     fig = _figure(min(max(4.8, 2.6 + 0.34 * len(cols)), 30.0), min(max(4.0, 2.0 + 0.34 * len(rows)), 30.0))
     ax = fig.add_subplot()
-    image = _image(ax, v, vlim, aspect="equal" if max(v.shape, default=0) <= 40 else "auto")
-    ax.set_xticks(np.arange(len(cols)), list(cols), rotation=90)
-    ax.set_yticks(np.arange(len(rows)), list(rows))
+    image = _image(ax, v, vlim, aspect="equal" if max(v.shape, default=0) <= _MAX_TICKS else "auto")
+    ax.set_xticks(*_ticks(cols), rotation=90)
+    ax.set_yticks(*_ticks(rows))
     if v.size <= _ANNOTATE_CELLS:
         norm = image.norm
         for (i, j), value in np.ndenumerate(v):
             if np.isfinite(value):
                 color = "white" if norm(value) < 0.6 else "black"
                 ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color=color)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    fig.colorbar(image, ax=ax, label=label)
+    ax.set_xlabel(_plain(xlabel))
+    ax.set_ylabel(_plain(ylabel))
+    ax.set_title(_plain(title), fontsize=10)
+    # a colour bar as tall as the matrix and 0.2 inch wide, whatever the figure's size
+    bar = make_axes_locatable(ax).append_axes("right", size=0.2, pad=0.15)
+    fig.colorbar(image, cax=bar, label=_plain(label))
     fig.tight_layout()
     return figure_png(fig)
 
@@ -266,72 +285,5 @@ def spectrum_png(spectra: Sequence[np.ndarray], layers: Sequence[str], title: st
     ax.set_title(title, fontsize=10)
     if layers:
         ax.legend(fontsize=8, loc="best", ncol=1 if len(layers) <= 12 else 2)
-    fig.tight_layout()
-    return figure_png(fig)
-
-
-#: Up to this many rows a similarity heatmap writes its values in the cells.
-_ANNOTATE_CELLS = 16
-
-
-def similarity_heatmap_png(
-    values: np.ndarray, labels: Sequence[object], axis: str, label: str, title: str
-) -> bytes:
-    """A square matrix of similarity values (rows: the ``_a`` side, columns: the ``_b`` side).
-
-    The colour scale runs from 0 (or the smallest value, when one is negative) to 1; NaN cells
-    are left blank. Matrices of up to 16 rows show their values in the cells.
-
-    Parameters
-    ----------
-    values : array_like, shape (n, n)
-    labels : sequence
-        The compared items (layers, epochs or runs), for both axes.
-    axis : str
-        What the labels are (``"layer"``, ``"epoch"``, ``"run"``).
-    label, title : str
-        The colour bar's label (the measure) and the title.
-
-    Examples
-    --------
-    >>> png = similarity_heatmap_png([[1.0, 0.4], [0.4, 1.0]], ["conv", "fc"], "layer", "cka", "t")
-    >>> png[:4] == b"\\x89PNG"
-    True
-    """
-    v = np.asarray(values, dtype=np.float64)
-    n = len(labels)
-    if v.shape != (n, n):
-        raise ValueError(f"values must have shape ({n}, {n}) for {n} labels, got {v.shape}")
-    side = float(min(max(4.5, 2.8 + 0.42 * n), 30.0))
-    fig = _figure(side + 1.2, side)
-    ax = fig.add_subplot()
-    finite = v[np.isfinite(v)]
-    vmin = min(0.0, float(finite.min())) if finite.size else 0.0
-    image = ax.imshow(
-        np.ma.masked_invalid(v), interpolation="nearest", cmap="viridis", vmin=vmin, vmax=1.0, aspect="equal"
-    )
-    names = [str(x) for x in labels]
-    step = max(1, n // 40)
-    ticks = np.arange(0, n, step)
-    ax.set_xticks(ticks, [names[i] for i in ticks], rotation=90)
-    ax.set_yticks(ticks, [names[i] for i in ticks])
-    ax.set_xlabel(axis)
-    ax.set_ylabel(axis)
-    if n <= _ANNOTATE_CELLS:
-        for i in range(n):
-            for j in range(n):
-                if np.isfinite(v[i, j]):
-                    dark = (v[i, j] - vmin) / (1.0 - vmin or 1.0) > 0.6
-                    ax.text(
-                        j,
-                        i,
-                        f"{v[i, j]:.2f}",
-                        ha="center",
-                        va="center",
-                        fontsize=7,
-                        color="black" if dark else "white",
-                    )
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(image, ax=ax, label=label, shrink=0.8)
     fig.tight_layout()
     return figure_png(fig)

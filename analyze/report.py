@@ -55,8 +55,9 @@ from analyze.report_html import (
     side_by_side,
     table,
 )
-from analyze.report_similarity import check_similarity, similarity_section
+from analyze.report_similarity import similarity_section
 from analyze.result import AnalysisResult
+from analyze.similarity_api import check_similarity
 from analyze.stats import REGISTRY
 from capture.format import package_versions
 
@@ -514,7 +515,9 @@ def report_html(
     Raises
     ------
     ValueError
-        ``result.table`` or ``similarity`` lacks columns.
+        ``result.table`` or ``similarity`` lacks columns, or a row of ``similarity`` compares
+        items that differ in more than one of run, epoch and layer
+        (:func:`analyze.similarity_api.split_pairs`).
     """
     from tqdm.auto import tqdm
 

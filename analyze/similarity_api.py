@@ -32,9 +32,12 @@ __all__ = [
     "SimilarityMatrix",
     "SimilarityResult",
     "analyze_similarity",
+    "check_similarity",
     "similarity",
     "similarity_matrices",
     "similarity_options",
+    "similarity_range",
+    "split_pairs",
 ]
 
 #: Columns of the similarity table, in order.
@@ -275,6 +278,37 @@ def _tabulate(plan: SimilarityPlan, accumulators: list[dict[str, Accumulator]]) 
 # --------------------------------------------------------------------------- matrices
 
 
+def check_similarity(table: Any) -> pd.DataFrame:
+    """A similarity table with :data:`SIMILARITY_COLUMNS`, in that order (a ``ValueError`` otherwise).
+
+    Examples
+    --------
+    >>> check_similarity(pd.DataFrame({"run_a": ["r"], "value": [1.0]}))
+    Traceback (most recent call last):
+    ...
+    ValueError: similarity: the table lacks the column(s) epoch_a, layer_a, run_b, epoch_b, layer_b, phase, conv_method, timeseries_method, measure
+    """
+    if not isinstance(table, pd.DataFrame):
+        raise ValueError(f"similarity: expected a pandas DataFrame, got {type(table).__name__}")
+    missing = [c for c in SIMILARITY_COLUMNS if c not in table.columns]
+    if missing:
+        raise ValueError(f"similarity: the table lacks the column(s) {', '.join(missing)}")
+    return table.loc[:, list(SIMILARITY_COLUMNS)].reset_index(drop=True)
+
+
+def similarity_range(values: Any) -> tuple[float, float]:
+    """The colour range of similarity values: from 0 (or the smallest value, when one is negative) to 1.
+
+    Examples
+    --------
+    >>> similarity_range([0.2, 1.0]), similarity_range([[-0.05, np.nan], [1.0, 0.3]])
+    ((0.0, 1.0), (-0.05, 1.0))
+    """
+    v = np.asarray(values, dtype=np.float64)
+    finite = v[np.isfinite(v)]
+    return (min(0.0, float(finite.min())) if finite.size else 0.0, 1.0)
+
+
 class SimilarityMatrix(NamedTuple):
     """One matrix of a similarity table: what is fixed, the labels of its rows / columns, the values."""
 
@@ -305,6 +339,94 @@ _MATRIX_AXES = {
     "epochs": (("run", "layer"), "epoch"),
     "runs": (("epoch", "layer"), "run"),
 }
+
+#: The three sides of a compared item.
+_SIDES = ("run", "epoch", "layer")
+
+
+def split_pairs(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The rows of a similarity table per kind of pairs, each ready for :func:`similarity_matrices`.
+
+    ``table`` may hold the tables of several :func:`similarity` calls, concatenated (other
+    measures, other ``pairs``). A row whose two items differ in the layer belongs to
+    ``"layers"``, in the epoch to ``"epochs"``, in the run to ``"runs"``. A row of an item with
+    itself (a diagonal cell) belongs to the matrix whose rows stand next to it in the table (each
+    matrix of :func:`similarity` is a block of consecutive rows, so every kind gets its own
+    diagonal values); one that stands next to none, to each kind with a matrix of that item; where
+    none has one (matrices of one item), to the first kind whose matrices then all have one item.
+
+    Returns
+    -------
+    dict
+        ``"layers"``, ``"epochs"``, ``"runs"`` (those present, in that order) -> their rows, in
+        the table's order.
+
+    Raises
+    ------
+    ValueError
+        A missing column, or a row whose items differ in more than one of run, epoch and layer
+        (no call of :func:`similarity` gives one).
+
+    Examples
+    --------
+    >>> def row(a, b):  # (run, epoch, layer) of both sides
+    ...     return (*a, *b, "eval", "mean", "last_timestep", "cka", 1.0 if a == b else 0.5)
+    >>> t = pd.DataFrame([row(("r", 0, "x"), ("r", 0, "y")), row(("r", 0, "x"), ("r", 0, "x")),
+    ...                   row(("r", 0, "x"), ("r", 1, "x")), row(("r", 1, "x"), ("r", 1, "x"))],
+    ...                  columns=SIMILARITY_COLUMNS)
+    >>> {pairs: rows.index.tolist() for pairs, rows in split_pairs(t).items()}
+    {'layers': [0, 1], 'epochs': [1, 2, 3]}
+    """
+    table = check_similarity(table)
+    differs = {side: (table[f"{side}_a"] != table[f"{side}_b"]).to_numpy() for side in _SIDES}
+    count = sum(differs.values(), np.zeros(len(table), dtype=np.int64))
+    if (count > 1).any():
+        i = int(np.argmax(count > 1))
+        a, b = ([table.at[i, f"{side}_{x}"] for side in _SIDES] for x in "ab")
+        raise ValueError(
+            f"similarity: row {i} compares run {a[0]!r} epoch {a[1]} layer {a[2]!r} with run {b[0]!r} "
+            f"epoch {b[1]} layer {b[2]!r}: the items of a row differ in the run, the epoch or the layer, "
+            "not in two of them"
+        )
+    diagonal = count == 0
+    codes = {  # per kind of pairs: the number of each row's matrix
+        pairs: table.groupby(_matrix_columns(fixed), sort=False).ngroup().to_numpy()
+        for pairs, (fixed, _) in _MATRIX_AXES.items()
+    }
+    offs = {pairs: differs[axis] for pairs, (_, axis) in _MATRIX_AXES.items() if differs[axis].any()}
+    near = {pairs: diagonal & _next_to(off, codes[pairs]) for pairs, off in offs.items()}
+    placed = np.logical_or.reduce([*near.values(), np.zeros(len(table), dtype=bool)])
+    masks = {
+        pairs: off | near[pairs] | (diagonal & ~placed & np.isin(codes[pairs], codes[pairs][off]))
+        for pairs, off in offs.items()
+    }
+    rest = diagonal & ~np.logical_or.reduce([*masks.values(), np.zeros(len(table), dtype=bool)])
+    if rest.any():
+        alone = table[rest]
+        pairs = next(
+            (
+                pairs
+                for pairs, (fixed, axis) in _MATRIX_AXES.items()
+                if alone.groupby(_matrix_columns(fixed))[f"{axis}_a"].nunique().max() == 1
+            ),
+            "layers",
+        )
+        masks[pairs] = masks.get(pairs, rest) | rest
+    return {pairs: table[masks[pairs]] for pairs in _MATRIX_AXES if pairs in masks}
+
+
+def _next_to(off: np.ndarray, code: np.ndarray) -> np.ndarray:
+    """Rows next to (just before or after) a row of ``off`` with the same ``code``."""
+    out = np.zeros(len(off), dtype=bool)
+    same = code[1:] == code[:-1]
+    out[1:] |= off[:-1] & same
+    out[:-1] |= off[1:] & same
+    return out
+
+
+def _matrix_columns(fixed: tuple[str, ...]) -> list[str]:
+    """The columns whose values a matrix shares: its fixed sides, phase, methods and measure."""
+    return [f"{c}_a" for c in fixed] + ["phase", "conv_method", "timeseries_method", "measure"]
 
 
 def similarity_matrices(table: pd.DataFrame, pairs: str) -> list[SimilarityMatrix]:
@@ -340,9 +462,8 @@ def similarity_matrices(table: pd.DataFrame, pairs: str) -> list[SimilarityMatri
     if pairs not in _MATRIX_AXES:
         raise ValueError(f"pairs: unknown value {pairs!r}; valid values are: {', '.join(_MATRIX_AXES)}")
     fixed_sides, axis = _MATRIX_AXES[pairs]
-    group = [f"{c}_a" for c in fixed_sides] + ["phase", "conv_method", "timeseries_method", "measure"]
     out = []
-    for key, block in table.groupby(group, sort=False):
+    for key, block in check_similarity(table).groupby(_matrix_columns(fixed_sides), sort=False):
         labels = list(dict.fromkeys([*block[f"{axis}_a"], *block[f"{axis}_b"]]))
         position = {label: i for i, label in enumerate(labels)}
         values = np.full((len(labels), len(labels)), np.nan)

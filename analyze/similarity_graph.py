@@ -34,7 +34,14 @@ from dask import delayed
 
 from analyze.cache import CovarianceCache
 from analyze.options import AnalysisError
-from analyze.similarity_io import RawSource, compute, one_blas_thread, one_torch_thread, read_chunks
+from analyze.similarity_io import (
+    RawSource,
+    compute_with_progress,
+    one_blas_thread,
+    one_torch_thread,
+    raw_source,
+    read_chunks,
+)
 from analyze.similarity_measures import new_accumulator
 from analyze.similarity_moments import JointMoments, MinibatchHSIC, merge_partials
 from analyze.similarity_plan import Compared, Comparison, Item, ItemRows, SimilarityPlan
@@ -180,23 +187,13 @@ class _Reads:
         run_name, rank, layer = source
         run = next(rp.run for rp in self.plan.runs if rp.name == run_name)
         part = next(p for p in run.ranks if p.rank == rank)
-        rec, raw, options = part.layers[layer], part.raw(layer), self.plan.options
+        options = self.plan.options
         interpolation = options.interpolation if layout == "conv" else None
         how = _Reshape(layout, interpolation, options.downsample if interpolation else None, options.device)
-        src = RawSource(
-            store=run.path,
-            array_path=f"{part.group.path}/{rec.raw_array}",
-            stored_dtype=rec.stored_dtype or "float32",
-            layout=layout,
-            chunk_rows=raw.chunk_rows,
-            rows=raw.rows,
-            interpolation=how.interpolation,
-            downsample=how.downsample,
-            device=options.device,
-            label=f"{run.path}: layer {layer!r}",
+        src, row_bytes = raw_source(
+            run.path, part, layer, layout, how.interpolation, how.downsample, how.device
         )
-        row_bytes = int(np.prod(rec.sample_shape, dtype=np.int64)) * raw.dtype.itemsize
-        return src, _power_of_two(options.task_bytes // max(1, raw.chunk_rows * row_bytes)), how
+        return src, _power_of_two(options.task_bytes // max(1, src.chunk_rows * row_bytes)), how
 
     def covering(self, item: Item, s0: int, s1: int) -> tuple[int, list[Any]]:
         """The item's id and the read tasks that hold its samples ``[s0, s1)``."""
@@ -378,7 +375,7 @@ def accumulate(plan: SimilarityPlan, cache: CovarianceCache, progress: bool) -> 
     # One torch and one BLAS thread for the whole computation (the tasks are the parallelism): held
     # here, the tasks' own limits (needed in worker processes) cost nothing in this process.
     with one_torch_thread(), one_blas_thread():
-        computed = compute(graphs, options.scheduler, progress, "similarity")
+        computed = compute_with_progress(graphs, options.scheduler, progress, "similarity")
     for (n, _), accumulators in zip(pending, computed, strict=True):
         for need, acc in accumulators.items():
             out[n][need] = acc

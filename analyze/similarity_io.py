@@ -2,8 +2,9 @@
 
 This module is the one place where :mod:`analyze.similarity_graph` touches the raw-chunk reader and
 the execution helpers of the covariance reduction (:mod:`analyze.reduce`, :mod:`analyze.execute`).
-Each is wrapped by one small public function here, so that a move of the reader (to
-:mod:`capture.store`) changes this module alone.
+Each is wrapped by one small public function here, or passed on as it is
+(:func:`~analyze.execute.raw_source`, :func:`~analyze.execute.compute_with_progress`), so that a
+move of the reader (to :mod:`capture.store`) changes this module alone.
 
 :data:`chunk_reads` counts every store chunk the pass reads, per array and chunk: the tests use it
 to prove that one pass reads each chunk of each layer once, and that a cached re-run reads none.
@@ -19,10 +20,18 @@ from typing import Any
 
 import numpy as np
 
-from analyze.execute import _compute
+from analyze.execute import compute_with_progress, raw_source
 from analyze.reduce import RawSource, _chunks_of, _one_blas_thread, _thread_scratch
 
-__all__ = ["RawSource", "chunk_reads", "compute", "one_blas_thread", "one_torch_thread", "read_chunks"]
+__all__ = [
+    "RawSource",
+    "chunk_reads",
+    "compute_with_progress",
+    "one_blas_thread",
+    "one_torch_thread",
+    "raw_source",
+    "read_chunks",
+]
 
 #: ``(store, array path, chunk) -> times read`` by :func:`read_chunks` in this process.
 chunk_reads: Counter[tuple[str, str, int]] = Counter()
@@ -74,8 +83,3 @@ def one_torch_thread() -> Iterator[None]:
             _torch_users -= 1
             if _torch_users == 0:
                 torch.set_num_threads(_torch_threads)
-
-
-def compute(objs: list[Any], scheduler: str, progress: bool, desc: str) -> list[Any]:
-    """Compute dask objects with a scheduler name or address, with a progress bar (as the reduction does)."""
-    return _compute(objs, scheduler, progress, desc)

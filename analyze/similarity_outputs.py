@@ -7,7 +7,8 @@ Layout of a similarity output folder
     its order, formatted as ``stats.csv`` (:func:`analyze.outputs.table_csv`): ``,``, no index,
     ``\\n`` line ends, floats in their shortest round-trip form.
 ``plots/`` (unless ``plots=False``)
-    One heatmap per matrix (:func:`analyze.plots.similarity_heatmap_png`):
+    One heatmap per matrix (:func:`analyze.plots.matrix_png`, the colour scale from 0, or the
+    smallest value when one is negative, to 1: :func:`analyze.similarity_api.similarity_range`):
     ``{run}_{conv}_{ts}_{phase}_{measure}_layers_epoch{E}.png`` (layer x layer),
     ``{run}_{conv}_{ts}_{phase}_{measure}_epochs_{layer}.png`` (epoch x epoch) and
     ``{conv}_{ts}_{phase}_{measure}_runs_{layer}_epoch{E}.png`` (run x run).
@@ -26,7 +27,7 @@ from typing import Any
 
 from analyze.output_folder import OutputFolder
 from analyze.outputs import PLOTS_DIR, table_csv
-from analyze.similarity_api import SimilarityMatrix, SimilarityResult, similarity_matrices
+from analyze.similarity_api import SimilarityMatrix, SimilarityResult, similarity_matrices, similarity_range
 
 __all__ = [
     "SIMILARITY_FORMAT",
@@ -72,12 +73,19 @@ def similarity_files(result: SimilarityResult, plots: bool = True) -> Iterator[t
     yield "similarity", SIMILARITY_NAME, table_csv(result.table)
     if not plots:
         return
-    from analyze.plots import similarity_heatmap_png  # matplotlib only when plots are asked for
+    from analyze.plots import matrix_png  # matplotlib only when plots are asked for
 
     axis = {"layers": "layer", "epochs": "epoch", "runs": "run"}[result.pairs]
     for matrix in similarity_matrices(result.table, result.pairs):
-        png = similarity_heatmap_png(
-            matrix.values, matrix.labels, axis, matrix.fixed["measure"], matrix.title.replace(" | ", "\n", 1)
+        png = matrix_png(
+            matrix.values,
+            matrix.labels,
+            matrix.labels,
+            matrix.fixed["measure"],
+            matrix.title.replace(" | ", "\n", 1),
+            xlabel=axis,
+            ylabel=axis,
+            vlim=similarity_range(matrix.values),
         )
         yield "plots", f"{PLOTS_DIR}/{matrix_file_name(matrix)}", png
 

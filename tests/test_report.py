@@ -27,14 +27,18 @@ from _runs import make_run
 from test_cli import assert_usage_error, invoke, leftovers, tree
 
 import analyze
-from analyze import AnalysisOptions, AnalysisResult, analyze_runs, plots, publish_report, report_html
-from analyze.report_similarity import (
+from analyze import (
     SIMILARITY_COLUMNS,
-    check_similarity,
-    compute_similarity,
+    AnalysisOptions,
+    AnalysisResult,
+    analyze_runs,
+    plots,
+    publish_report,
+    report_html,
+    similarity,
 )
 from analyze.result import LayerFailure, SpectrumKey
-from analyze.similarity_api import SIMILARITY_DEFAULTS
+from analyze.similarity_api import check_similarity
 
 VERSIONS = {"python": "3.x", "delve-pipeline": "0.1.0", "numpy": "2.x"}
 CREATED = '<time datetime="[^"]*">[^<]*</time>'
@@ -440,19 +444,85 @@ def test_report_command_refuses_missing_stores_and_foreign_folders(runs: list[Pa
     assert_usage_error(invoke("report", "-o", tmp_path / "x"), "RUN")
 
 
-def test_report_shows_the_similarity_matrices(runs: list[Path], tmp_path: Path) -> None:
-    """With --similarity, the matrices of analyze.similarity in the report."""
+def color_range(values: Any) -> tuple[float, float]:
+    """The colour scale of similarity figures: from 0, or the smallest value when one is negative, to 1."""
+    return (min(0.0, float(np.nanmin(values))), 1.0)
+
+
+@pytest.mark.parametrize(("args", "conv"), [((), "mean"), (("--conv-method", "max"), "max")])
+def test_report_shows_the_similarity_matrices(
+    runs: list[Path], tmp_path: Path, args: tuple[str, ...], conv: str
+) -> None:
+    """With --similarity, the matrices of analyze.similarity (conv maps pooled by mean unless asked)."""
     out = tmp_path / "rep"
-    res = invoke("report", runs[0], "-o", out, "--similarity", "cka")
+    res = invoke("report", runs[0], "-o", out, "--similarity", "cka", *args)
     assert res.exit_code == 0, (res.stderr, res.exception)
-    frame = compute_similarity(runs[:1], ["cka"], ["layers"], SIMILARITY_DEFAULTS, progress=False)
-    assert list(frame.columns) == list(SIMILARITY_COLUMNS)
+    frame = similarity(runs[0], "cka", conv_methods=(conv,), progress=False)
+    assert list(frame.columns) == list(SIMILARITY_COLUMNS) and set(frame["conv_method"]) == {conv}
     itself = frame[(frame.layer_a == frame.layer_b) & (frame.epoch_a == frame.epoch_b)]
     np.testing.assert_allclose(itself["value"], 1.0, rtol=1e-10)  # CKA of a layer with itself
     page = assert_well_formed((out / "report.html").read_text())
-    assert "Similarity: cka" in page.headings
-    assert sum(i["alt"].startswith("Matrix of cka") for i in page.images) == 2 * 2  # epochs x phases
-    assert json.loads((out / "provenance.json").read_text())["similarity"]["measures"] == ["cka"]
+    assert "Similarity: cka" in page.headings and "a, eval" in page.headings
+    alts = [i["alt"] for i in page.images if i["alt"].startswith("Matrix of cka")]
+    assert len(alts) == 2 * 2  # epochs x phases
+    layers = ["conv", "fc", "out"]
+    for phase, epoch in itertools.product(("train", "eval"), (0, 1)):
+        rows = frame[(frame.phase == phase) & (frame.epoch_a == epoch)]
+        expected = matrix(rows, "layer_a", "layer_b", layers, layers)  # the table's values, run's order
+        what = f"a, {phase} phase, epoch {epoch}"
+        assert page.image(f"Matrix of cka for {what},") == plots.matrix_png(
+            expected,
+            layers,
+            layers,
+            "cka",
+            f"cka: {what}",
+            xlabel="layers of a",
+            ylabel="layers of a",
+            vlim=color_range(frame["value"]),
+        )
+        alt = next(a for a in alts if a.startswith(f"Matrix of cka for {what},"))
+        assert alt.endswith(f"3 x 3 cells, values from {expected.min():.3g} to {expected.max():.3g}.")
+    assert json.loads((out / "provenance.json").read_text())["similarity"] == {
+        "measures": ["cka"],
+        "rows": 36,
+    }
+
+
+def test_report_shows_every_kind_of_similarity_pairs(runs: list[Path], tmp_path: Path) -> None:
+    """layer x layer per epoch, epoch x epoch per layer and run x run per layer and epoch, on one page."""
+    out = tmp_path / "rep"
+    kinds = ["--similarity-pairs", "layers", "--similarity-pairs", "epochs", "--similarity-pairs", "runs"]
+    res = invoke("report", *runs, "-o", out, "--similarity", "cka", "--similarity", "svcca", *kinds)
+    assert res.exit_code == 0, (res.stderr, res.exception)
+    assert res.stderr.count("Warning: ") == 2 and "train phase" in res.stderr  # epochs and runs on train
+    page = assert_well_formed((out / "report.html").read_text())
+    for measure in ("cka", "svcca"):
+        alts = [i["alt"] for i in page.images if i["alt"].startswith(f"Matrix of {measure} ")]
+        # a: conv, fc, out; b: conv, fc, out, extra; 2 epochs, 2 phases
+        assert sum("layer against layer" in a for a in alts) == 2 * 2 * 2
+        assert sum("epoch against epoch" in a for a in alts) == (3 + 4) * 2
+        assert sum("run against run" in a for a in alts) == 3 * 2 * 2  # the layers both runs have
+        assert "a vs b, eval, run x run" in page.headings and "b, train, epoch x epoch" in page.headings
+    with pytest.warns(UserWarning, match="train phase"):
+        tables = {p: similarity(runs, "svcca", pairs=p, progress=False) for p in ("layers", "epochs", "runs")}
+    of_runs = tables["runs"]
+    rows = of_runs[(of_runs.layer_a == "fc") & (of_runs.epoch_a == 1) & (of_runs.phase == "eval")]
+    expected = matrix(rows, "run_a", "run_b", ["a", "b"], ["a", "b"])
+    np.testing.assert_allclose(np.diag(expected), 1.0, rtol=1e-10)  # a run's layer with itself
+    what = "layer fc of a vs b, eval phase, epoch 1"
+    svcca = pd.concat(tables.values())["value"]
+    assert page.image(f"Matrix of svcca for {what},") == plots.matrix_png(
+        expected,
+        ["a", "b"],
+        ["a", "b"],
+        "svcca",
+        f"svcca: {what}",
+        xlabel="runs",
+        ylabel="runs",
+        vlim=color_range(svcca),
+    )
+    prov = json.loads((out / "provenance.json").read_text())["similarity"]
+    assert prov["measures"] == ["cka", "svcca"] and prov["rows"] == 2 * len(svcca)
 
 
 # --------------------------------------------------------------------------- crash safety
@@ -500,14 +570,12 @@ def test_publish_report_from_python(result: AnalysisResult, tmp_path: Path) -> N
 # --------------------------------------------------------------------------- similarity matrices
 
 
-def similarity_frame(
-    run: str, layers: list[str], epochs: Any, measure: str = "cka", run_b: str | None = None
-) -> pd.DataFrame:
-    """Every pair of layers of every epoch (``pairs="layers"``, or ``"runs"`` with ``run_b``), train phase."""
+def similarity_frame(run: str, layers: list[str], epochs: Any, measure: str = "cka") -> pd.DataFrame:
+    """Every pair of layers of every epoch (``pairs="layers"``), train phase."""
     rows = []
     for e, (i, a), (j, b) in itertools.product(epochs, enumerate(layers), enumerate(layers)):
-        value = 1.0 if i == j and run_b is None else round(1.0 / (1 + abs(i - j) + 0.1 * e + 0.05 * i), 6)
-        rows.append((run, e, a, run_b or run, e, b, "train", "channelwise", "last_timestep", measure, value))
+        value = 1.0 if i == j else round(1.0 / (1 + abs(i - j) + 0.1 * e + 0.05 * i), 6)
+        rows.append((run, e, a, run, e, b, "train", "channelwise", "last_timestep", measure, value))
     return pd.DataFrame(rows, columns=list(SIMILARITY_COLUMNS))
 
 
@@ -566,28 +634,41 @@ def test_epoch_matrices_per_layer_and_negative_values() -> None:
         "cka_debiased: layer m_out of r, train phase",
         xlabel="epochs of r",
         ylabel="epochs of r",
-        vlim=(-1.0, 1.0),
+        vlim=(frame["value"].min(), 1.0),  # one scale for every matrix of the measure
     )
 
 
-def test_matrices_between_two_runs() -> None:
-    frame = similarity_frame("r", LAYERS, [1], run_b="s")
-    page = assert_well_formed(
-        report_html(synthetic(runs=("r", "s")), similarity=frame, versions=VERSIONS, descriptions={})
-    )
-    assert "r vs s, train" in page.headings
-    expected = matrix(frame, "layer_a", "layer_b", LAYERS, LAYERS)
-    assert page.image("Matrix of cka for r vs s, train phase, epoch 1") == plots.matrix_png(
+def test_run_matrices_per_layer_and_epoch() -> None:
+    rows = []
+    for (i, layer), e, (a, run_a), (b, run_b) in itertools.product(
+        enumerate(LAYERS), range(8), enumerate("rst"), enumerate("rst")
+    ):
+        value = 1.0 if a == b else round(0.9 - 0.1 * i - 0.05 * abs(a - b) + 0.01 * e, 6)
+        rows.append((run_a, e, layer, run_b, e, layer, "eval", "mean", "last_timestep", "cka", value))
+    frame = pd.DataFrame(rows, columns=list(SIMILARITY_COLUMNS))
+    text = report_html(synthetic(runs=("r", "s", "t")), similarity=frame, versions=VERSIONS, descriptions={})
+    page = assert_well_formed(text)
+    assert "r vs s vs t, eval" in page.headings
+    alts = [i["alt"] for i in page.images if i["alt"].startswith("Matrix of cka")]
+    shown = ["0", "1", "3", "4", "6", "7"]  # 6 of 8 epochs, spread, per layer in the run's order
+    assert [re.search(r"layer (\S+) of .* epoch (\d+)", a).groups() for a in alts] == [
+        (layer, e) for layer in LAYERS for e in shown
+    ]
+    assert "Showing 6 of 8 epochs (0, 1, 3, 4, 6, 7); the similarity table holds them all." in text
+    of = frame[(frame.layer_a == "a_mid") & (frame.epoch_a == 4)]
+    expected = matrix(of, "run_a", "run_b", ["r", "s", "t"], ["r", "s", "t"])
+    what = "layer a_mid of r vs s vs t, eval phase, epoch 4"
+    assert page.image(f"Matrix of cka for {what},") == plots.matrix_png(
         expected,
-        LAYERS,
-        LAYERS,
+        ["r", "s", "t"],
+        ["r", "s", "t"],
         "cka",
-        "cka: r vs s, train phase, epoch 1",
-        xlabel="layers of s",
-        ylabel="layers of r",
+        f"cka: {what}",
+        xlabel="runs",
+        ylabel="runs",
         vlim=(0.0, 1.0),
     )
-    assert page.table("Similarity")[1:] == [["measures", "cka"], ["values", "9"]]
+    assert page.table("Similarity")[1:] == [["measures", "cka"], ["values", str(len(frame))]]
 
 
 def test_similarity_tables_are_checked() -> None:
@@ -599,6 +680,11 @@ def test_similarity_tables_are_checked() -> None:
     assert list(check_similarity(frame[list(reversed(frame.columns))]).columns) == list(SIMILARITY_COLUMNS)
     empty = report_html(synthetic(), similarity=frame.iloc[:0], versions=VERSIONS, descriptions={})
     assert "The similarity table is empty." in empty
+    across = similarity_frame("r", LAYERS, [0]).assign(run_b="s")  # other layers of another run
+    with pytest.raises(
+        ValueError, match="row 1 compares run 'r' epoch 0 layer 'z_in' with run 's' epoch 0 layer 'a_mid'"
+    ):
+        report_html(synthetic(), similarity=across, descriptions={})
 
 
 # --------------------------------------------------------------------------- a real browser

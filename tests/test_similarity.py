@@ -46,7 +46,9 @@ from analyze import (
     similarity_matrices,
 )
 from analyze.outputs import table_csv
+from analyze.similarity_api import SimilarityResult, split_pairs
 from analyze.similarity_io import chunk_reads
+from analyze.similarity_outputs import similarity_files
 from capture import Recorder
 from capture.reshape import to_matrix
 from capture.store import open_run
@@ -665,6 +667,67 @@ def test_heatmaps_are_the_same_bytes_each_time(run_a, tmp_path: Path) -> None:
     assert [p.read_bytes() for p in first["plots"]] == [p.read_bytes() for p in second["plots"]]
 
 
+def test_heatmaps_draw_the_tables_values(run_a) -> None:
+    path, _ = run_a
+    result = analyze_similarity(path, "cka_debiased", phases="eval", epochs="last", progress=False)
+    ((kind, name, png),) = [f for f in similarity_files(result) if f[0] == "plots"]
+    assert name == "plots/a_mean_last_timestep_eval_cka_debiased_layers_epoch1.png"
+    table = result.table
+    layers = list(dict.fromkeys(table["layer_a"]))
+    expected = np.full((len(layers), len(layers)), np.nan)
+    for row in table.itertuples():
+        expected[layers.index(row.layer_a), layers.index(row.layer_b)] = row.value
+    assert np.isfinite(expected).all()
+    np.testing.assert_allclose(np.diag(expected), 1.0, rtol=1e-10)  # a layer with itself
+    title = "cka_debiased, layer x layer\na, epoch 1, eval | mean | last_timestep"
+    assert png == analyze.plots.matrix_png(
+        expected,
+        layers,
+        layers,
+        "cka_debiased",
+        title,
+        xlabel="layer",
+        ylabel="layer",
+        vlim=(min(0.0, expected.min()), 1.0),
+    )
+
+
+def test_heatmaps_draw_names_as_text() -> None:
+    """A '$' in a run or layer name is a character, not the start of mathtext (which would fail)."""
+    names = ["$\\frac$ a", "b$"]
+    rows = [
+        ("r$", 0, a, "r$", 0, b, "eval", "mean", "last_timestep", "cka", 1.0 if a == b else 0.5)
+        for a in names
+        for b in names
+    ]
+    table = pd.DataFrame(rows, columns=list(SIMILARITY_COLUMNS))
+    result = SimilarityResult(table=table, options={"pairs": "layers"})
+    plots = [(name, png) for kind, name, png in similarity_files(result) if kind == "plots"]
+    assert [name for name, _ in plots] == ["plots/r-_mean_last_timestep_eval_cka_layers_epoch0.png"]
+    assert plots[0][1][:4] == b"\x89PNG"
+
+
+def test_tables_of_several_kinds_of_pairs_split_into_their_matrices(run_a, run_b) -> None:
+    (path_a, _), (path_b, _) = run_a, run_b
+    tables = {
+        pairs: similarity([path_a, path_b], ["cka", "svcca"], pairs, phases="eval", progress=False)
+        for pairs in ("layers", "epochs", "runs")
+    }
+    last = similarity(path_a, "cka", "epochs", phases="eval", epochs="last", progress=False)  # 1 x 1 each
+    split = split_pairs(pd.concat([*tables.values()], ignore_index=True))
+    assert list(split) == ["layers", "epochs", "runs"]
+    for pairs, table in [*tables.items(), ("epochs", last)]:
+        got = similarity_matrices(split_pairs(table)[pairs] if table is last else split[pairs], pairs)
+        want = similarity_matrices(table, pairs)
+        assert [(m.fixed, m.labels) for m in got] == [(m.fixed, m.labels) for m in want]
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(g.values, w.values)
+    assert list(split_pairs(last)) == ["epochs"]
+    across = tables["layers"].assign(run_b="b")
+    with pytest.raises(ValueError, match="row 1 compares run 'a' epoch 0 layer 'conv' with run 'b' epoch 0"):
+        split_pairs(across)
+
+
 def test_command_errors_are_one_line_and_write_nothing(run_a, tmp_path: Path) -> None:
     path, _ = run_a
     out = tmp_path / "out"
@@ -725,7 +788,7 @@ def test_a_failure_while_writing_leaves_the_earlier_output_as_it_was(
     publish_similarity(result, out)
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     calls = {"n": 0}
-    real = analyze.plots.similarity_heatmap_png
+    real = analyze.plots.matrix_png
 
     def failing(*args: Any, **kwargs: Any) -> bytes:
         calls["n"] += 1
@@ -733,7 +796,7 @@ def test_a_failure_while_writing_leaves_the_earlier_output_as_it_was(
             raise OSError("No space left on device")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(analyze.plots, "similarity_heatmap_png", failing)
+    monkeypatch.setattr(analyze.plots, "matrix_png", failing)
     with pytest.raises(OSError, match="No space left"):
         publish_similarity(analyze_similarity(path, "svcca", progress=False), out)
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
