@@ -372,7 +372,7 @@ class Recorder:
         self._closed = False
         self._disabled = False
         self._called: set[tuple[str, bool]] = set()  # (layer, training) called while recording, this epoch
-        self._warned_uncalled: set[tuple[str, bool]] = set()
+        self._warned_uncalled: set[str] = set()
         self._handles = [
             module.register_forward_hook(self._make_hook(name)) for name, module in self.layers.items()
         ]
@@ -399,6 +399,15 @@ class Recorder:
     def resume(self) -> None:
         """Continue recording after :meth:`stop`."""
         self._recording = True
+
+    def flush(self) -> None:
+        """Wait until everything recorded so far has been written to the store.
+
+        Written is not committed: readers see an epoch only once :meth:`end_epoch` has committed it.
+        Useful before a checkpoint or a deliberate stop; raises :class:`CaptureError` if a write failed.
+        """
+        self._check()
+        self._flush_writer()
 
     def add_scalar(self, name: str, value: Any) -> None:
         """Keep a per-epoch value (an accuracy, a loss) with the current epoch."""
@@ -498,25 +507,25 @@ class Recorder:
             )
 
     def _warn_uncalled(self, epoch: int) -> None:
-        """Warn once per layer and phase about a layer not called in a phase that other layers ran in."""
-        phases = {training for _, training in self._called}
-        uncalled = [
-            (name, training)
-            for training in (True, False)
-            if training in phases
-            for name in self.layers
-            if (name, training) not in self._called and (name, training) not in self._warned_uncalled
-        ]
+        """Warn once per layer about a recorded layer that was not called at all in an epoch.
+
+        A layer called in one phase only (a frozen layer kept in eval mode, a training-only head)
+        is not warned about: that is a choice of the model, and its phase's calls are stored.
+        """
+        if not self._called:  # a paused or empty epoch: nothing ran, nothing to say
+            return
+        called = {name for name, _ in self._called}
+        uncalled = [name for name in self.layers if name not in called and name not in self._warned_uncalled]
         self._called = set()
         if not uncalled:
             return
         self._warned_uncalled.update(uncalled)
-        names = ", ".join(f"{name!r} ({'train' if training else 'eval'})" for name, training in uncalled)
+        names = ", ".join(repr(name) for name in uncalled)
         warnings.warn(
-            f"{self.path}: epoch {epoch}: recorded layers never called in a phase the others ran in: {names}; "
-            "nothing of them is stored for it. This usually means that the parent module uses the layer's "
-            "weights directly instead of calling it (a fused or hand-written forward), or that the layer is "
-            "not on the forward path of that phase (an unused head or branch, a training-only module)",
+            f"{self.path}: epoch {epoch}: recorded layers never called in this epoch: {names}; nothing of "
+            "them is stored. This usually means that the parent module uses the layer's weights directly "
+            "instead of calling it (a fused or hand-written forward), or that the layer is not on the "
+            "forward path (an unused head or branch)",
             RuntimeWarning,
             stacklevel=3,
         )

@@ -84,13 +84,20 @@ def trainer(root: str, epochs: int, callbacks: list[Any], **kwargs: Any) -> L.Tr
 
 
 class KillAt(L.Callback):
-    """SIGKILL this process after the second training batch of epoch ``epoch``."""
+    """SIGKILL this process after the second training batch of epoch ``epoch``.
 
-    def __init__(self, epoch: int) -> None:
+    The capture's writer is drained first, so the store deterministically holds that epoch's
+    data written so far, uncommitted (a kill at a random moment of the writer is the reliability
+    suite's business).
+    """
+
+    def __init__(self, epoch: int, capture: Any) -> None:
         self.epoch = epoch
+        self.capture = capture
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         if trainer.current_epoch == self.epoch and trainer.fit_loop.epoch_loop.batch_idx == 1:
+            self.capture.recorder.flush()
             os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -107,7 +114,7 @@ def main(store: str, ckpt_dir: str, epochs: int, kill_epoch: int) -> None:
     fit = trainer(
         ckpt_dir,
         epochs,
-        [capture, checkpoints(ckpt_dir), KillAt(kill_epoch)],
+        [capture, checkpoints(ckpt_dir), KillAt(kill_epoch, capture)],
         enable_checkpointing=True,
         num_sanity_val_steps=0,
     )

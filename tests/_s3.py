@@ -195,7 +195,7 @@ def record(
                 with torch.no_grad():
                     net(_batch(epoch, phase, step))
                 if kill == (epoch, step) and phase == "train":
-                    rec._writer.flush()  # noqa: SLF001 - everything of the step is in the store
+                    rec.flush()  # everything of the step is in the store
                     os.kill(os.getpid(), signal.SIGKILL)
         rec.add_scalar("epoch_seen", epoch)
         rec.end_epoch()
