@@ -1,101 +1,408 @@
-"""Partial moments of a 2-D sample matrix: count, mean and centred second moment.
+"""Partial moments of a sample matrix: count, mean and centred second moment, in float64.
 
-The covariance of a layer is built from partial moments that are merged pairwise
-(Chan, Golub and LeVeque's update), which is cancellation safe: every partial result
-is centred on its own mean and the merge only adds a rank-one correction.
+One set of kernels serves every stage: the capture hook (gram mode), the reduction of stored raw
+chunks, the drop-in tracker (through the hook's blocks) and the PCA layers. The same rows handed
+over in the same batches give the same bits in all of them.
 
-The kernels work on numpy arrays and on torch tensors alike (they only use
-operators both libraries share), so the same arithmetic runs inside the capture
-hook on the layer's device and inside the analysis on dask chunks.
+How a batch is reduced (:func:`shifted_sums`, :func:`moments_of_sums`)
+-----------------------------------------------------------------------
+The rows ``x_i`` are cast to float64 and shifted by a fixed vector ``s`` in one pass, a column of
+ones is appended, and one BLAS ``dsyrk`` per slab of rows adds ``y_i y_i^T`` (``y_i = [x_i - s,
+1]``) to a ``(d + 1, d + 1)`` column-major accumulator, in place (``beta=1``). Its lower triangle
+then holds ``Q = sum (x_i - s)(x_i - s)^T``, the column sums ``S = sum (x_i - s)`` and the count.
+Only when a block is finished are they turned into ``mean = s + S / n`` and ``m2 = Q - S S^T / n``.
+There is no separate mean pass and no centring pass, and the cast happens in cache-sized slabs.
+
+The shift rule (:func:`shift_of`): the float64 mean of the first slab of rows of the first batch
+(the first ``slab_rows(d)`` rows; non-finite entries replaced by 0). It depends on the rows alone,
+so every path that hands the same batches over computes the same shift. It costs one pass over one
+slab that is in cache anyway. ``m2 = Q - S S^T / n`` loses about ``(1 + |mean - s|^2 / var)``
+times the rounding of ``Q``; the first slab's mean is within a few standard deviations of the
+batch mean even for a conv map whose border rows differ from its inside (a single row, the top-left
+corner of the first map, can be hundreds of standard deviations away when the inputs carry a
+large common offset).
+
+Between blocks, partial moments ``(count, mean, m2)`` are merged pairwise (Chan, Golub and
+LeVeque), which is cancellation safe: :func:`merge_moments`, :func:`tree_merge`.
+
+:class:`Moments` is the stateful shell (``update``, ``merge``, ``compute``, ``reset``).
+
+Arrays: numpy arrays and CPU torch tensors go through the BLAS kernels above (torch tensors come
+back as torch tensors); tensors on other devices are reduced with torch on their device by the same
+formulas (one product per batch, not bit-identical to the CPU path).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+
+from capture.buffers import thread_buffer
 
 __all__ = [
     "Moments",
     "batch_moments",
     "merge_moments",
+    "moments_of_sums",
+    "one_blas_thread",
+    "shift_of",
+    "shifted_sums",
+    "slab_rows",
     "tree_merge",
+    "to_numpy",
 ]
 
+#: Bytes of float64 per slab of rows cast for one ``dsyrk`` (it stays in a core's L2 cache).
+SLAB_BYTES = 2 * 2**20
+#: Fewest rows per slab (a shorter product runs below the BLAS's speed).
+MIN_SLAB_ROWS = 512
+#: A batch with at least this many rows per feature gets its own moments, merged into the block
+#: (cheap next to its product; keeps the moments of the last batch without a copy of its rows).
+#: Shorter batches are added to the block's shifted sums, saving a d x d merge per batch.
+OWN_MOMENTS_ROWS_PER_FEATURE = 8
 
-def _to_float64(x: Any) -> Any:
+Partial = tuple[int, Any, Any]
+
+
+# -- BLAS ------------------------------------------------------------------------------------------
+def _dsyrk() -> Any:
+    from scipy.linalg.blas import dsyrk
+
+    return dsyrk
+
+
+_blas_lock = threading.Lock()
+_blas_users = 0
+_blas_limiter: Any = None
+_blas_controller: Any = None
+
+
+def _release_blas_control() -> None:
+    """Let the next thread that sets OpenBLAS's (process-wide) thread count do so.
+
+    threadpoolctl >= 3.6 lets only the first thread that sets the count change it; the others are
+    ignored silently until that thread leaves its limit. Whichever thread starts or ends the shared
+    limit below must be heard.
+    """
+    try:
+        from threadpoolctl import OpenBLASController
+    except ImportError:  # pragma: no cover - older threadpoolctl: any thread may set it
+        return
+    clear = getattr(OpenBLASController, "clear_controlling_thread", None)
+    if clear is not None:
+        clear(force=True)
+
+
+@contextlib.contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """Run the BLAS of numpy and scipy on one thread while any caller is inside.
+
+    Used around the moment products of the capture hook and of the analysis tasks, which bring
+    their own parallelism (the training's threads, the scheduler's): an OpenBLAS thread pool next
+    to them spins against them (bench/README.md). The limit is process-wide; it holds until the
+    last of the overlapping callers (any threads) leaves, which restores the thread counts found
+    by the first. A no-op without threadpoolctl.
+
+    Examples
+    --------
+    >>> with one_blas_thread():
+    ...     pass
+    """
+    global _blas_users, _blas_limiter, _blas_controller
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    with _blas_lock:
+        if _blas_users == 0:
+            if _blas_controller is None:
+                _dsyrk()  # scipy's BLAS must be loaded before the controller looks for libraries
+                _blas_controller = ThreadpoolController().select(user_api="blas")
+            _release_blas_control()
+            _blas_limiter = _blas_controller.limit(limits=1)
+            _release_blas_control()
+        _blas_users += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                limiter, _blas_limiter = _blas_limiter, None
+                _release_blas_control()
+                limiter.restore_original_limits()
+                _release_blas_control()
+
+
+# -- the batch kernel ----------------------------------------------------------------------------
+def slab_rows(d: int) -> int:
+    """Rows per slab (one ``dsyrk``) for a matrix ``d`` features wide.
+
+    Examples
+    --------
+    >>> slab_rows(128), slab_rows(1024)
+    (2032, 512)
+    """
+    return max(MIN_SLAB_ROWS, SLAB_BYTES // (8 * (d + 1)))
+
+
+def _layout(x: np.ndarray, feature_major: bool) -> tuple[int, int, tuple[int, int]]:
+    """``(d, n, (a, b))``: width, rows, and (feature major) the rows as ``a`` runs of ``b``."""
+    if feature_major:
+        if x.ndim not in (2, 3):
+            raise ValueError(f"a feature-major matrix must be (d, n) or (d, a, b), got shape {x.shape}")
+        runs = (1, int(x.shape[1])) if x.ndim == 2 else (int(x.shape[1]), int(x.shape[2]))
+        return int(x.shape[0]), runs[0] * runs[1], runs
+    if x.ndim != 2:
+        raise ValueError(f"a sample-major matrix must be (n, d), got shape {x.shape}")
+    return int(x.shape[1]), int(x.shape[0]), (int(x.shape[0]), 1)
+
+
+def _fill_slab(
+    x: np.ndarray, feature_major: bool, runs: tuple[int, int], r0: int, r1: int, shift: Any
+) -> np.ndarray:
+    """Rows ``[r0, r1)`` of ``x`` minus ``shift`` in float64, with a column of ones: ``(r1 - r0, d + 1)``.
+
+    Sample major, the result is C-contiguous; feature major, it is the transpose of a C-contiguous
+    ``(d + 1, rows)`` buffer. Either way the BLAS reads it without a copy.
+    """
+    rows = r1 - r0
+    if not feature_major:
+        d = x.shape[1]
+        y = thread_buffer("moments.slab", (rows, d + 1))
+        np.subtract(x[r0:r1], shift, out=y[:, :d], dtype=np.float64)
+        y[:, d] = 1.0
+        return y
+    d = x.shape[0]
+    buf = thread_buffer("moments.slab", (d + 1, rows))
+    src = x.reshape(d, runs[0], runs[1])  # a view: x is (d, n) or (d, a, b)
+    array_shift = isinstance(shift, np.ndarray)
+    inner = runs[1]
+    pos, r = 0, r0
+    while r < r1:  # at most three pieces: the end of a run, whole runs, the start of a run
+        a, b = divmod(r, inner)
+        if b == 0 and r1 - r >= inner:
+            k = (r1 - r) // inner
+            out = buf[:d, pos : pos + k * inner].reshape(d, k, inner)
+            np.subtract(
+                src[:, a : a + k], shift[:, None, None] if array_shift else shift, out=out, dtype=np.float64
+            )
+            step = k * inner
+        else:
+            step = min(inner - b, r1 - r)
+            out = buf[:d, pos : pos + step]
+            np.subtract(
+                src[:, a, b : b + step], shift[:, None] if array_shift else shift, out=out, dtype=np.float64
+            )
+        pos += step
+        r += step
+    buf[d] = 1.0
+    return buf.T
+
+
+def _native(x: Any) -> tuple[Any, bool]:
+    """``x`` as a numpy array when the BLAS kernels can read it (numpy, CPU torch); else torch."""
     if isinstance(x, np.ndarray):
-        return x.astype(np.float64, copy=False)
+        return x, True
     import torch
 
-    return x.to(torch.float64)
+    if isinstance(x, torch.Tensor) and x.device.type == "cpu":
+        x = x.detach()
+        if x.dtype not in (torch.float64, torch.float32, torch.float16):
+            x = x.to(torch.float32)  # bfloat16, integers: numpy cannot view them; exact for bfloat16
+        return x.numpy(), True
+    return x, False
 
 
-def batch_moments(x: Any, feature_major: bool = False, *, overwrite: bool = False) -> tuple[int, Any, Any]:
+def _slab_mean(y: np.ndarray, d: int) -> np.ndarray:
+    """The shift from a slab of :func:`_fill_slab` filled without one (non-finite entries: 0)."""
+    mean = (
+        y.T[:d].mean(axis=1) if y.flags.f_contiguous and not y.flags.c_contiguous else y[:, :d].mean(axis=0)
+    )
+    return np.where(np.isfinite(mean), mean, 0.0)
+
+
+def shift_of(x: Any, feature_major: bool = False) -> Any:
+    """The shift of a block whose first batch is ``x``: the mean of its first slab of rows.
+
+    Float64 mean of the first ``slab_rows(d)`` rows (all of them in a shorter batch), non-finite
+    entries replaced by 0.
+
+    Examples
+    --------
+    >>> shift_of(np.array([[1.0, 2.0], [3.0, np.nan]])).tolist()
+    [2.0, 0.0]
+    """
+    x, native = _native(x)
+    if not native:
+        return _torch_shift(x, feature_major)
+    d, n, runs = _layout(x, feature_major)
+    if n == 0:
+        return np.zeros(d)
+    return _slab_mean(_fill_slab(x, feature_major, runs, 0, min(n, slab_rows(d)), 0.0), d)
+
+
+def shifted_sums(
+    x: Any, shift: np.ndarray | None = None, out: np.ndarray | None = None, feature_major: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Add ``sum_i y_i y_i^T``, ``y_i = [x_i - shift, 1]``, to the lower triangle of ``out``.
+
+    Parameters
+    ----------
+    x : numpy.ndarray or CPU torch.Tensor
+        ``(n, d)``; or, with ``feature_major=True``, ``(d, n)`` or ``(d, a, b)`` whose last two
+        axes are the rows (e.g. ``(C, N, H * W)``, a view of a conv output ``(N, C, H, W)``).
+    shift : array of shape (d,), optional
+        Subtracted from every row in the cast pass. None: :func:`shift_of` ``(x)``, taken from the
+        first slab while it is in cache.
+    out : array of shape (d + 1, d + 1), float64, Fortran order, optional
+        The accumulator; only its lower triangle is read and written, its upper triangle must be 0.
+        A new zero one by default.
+    feature_major : bool
+        Whether features run along the first axis of ``x``.
+
+    Returns
+    -------
+    shift : array of shape (d,)
+    sums : the accumulator
+        ``Q = sum (x_i - s)(x_i - s)^T`` in ``[:d, :d]``, the column sums ``S`` in row ``d``, the
+        number of rows at ``[d, d]``.
+
+    Examples
+    --------
+    >>> x = np.array([[1.0, 2.0], [3.0, 6.0]])
+    >>> shift, sums = shifted_sums(x)
+    >>> shift.tolist(), sums.tolist()
+    ([2.0, 4.0], [[2.0, 0.0, 0.0], [4.0, 8.0, 0.0], [0.0, 0.0, 2.0]])
+    """
+    x, _ = _native(x)
+    d, n, runs = _layout(x, feature_major)
+    if out is None:
+        out = np.zeros((d + 1, d + 1), order="F")
+    if out.shape != (d + 1, d + 1) or out.dtype != np.float64 or not out.flags.f_contiguous:
+        raise ValueError(f"out: need a ({d + 1}, {d + 1}) float64 Fortran-ordered accumulator")
+    dsyrk = _dsyrk()
+    step = slab_rows(d)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        if shift is None:  # the first slab gives the shift: cast it as is, then shift it in cache
+            y = _fill_slab(x, feature_major, runs, r0, r1, 0.0)
+            shift = _slab_mean(y, d)
+            y[:, :d] -= shift
+        else:
+            y = _fill_slab(x, feature_major, runs, r0, r1, shift)
+        # y is (rows, d + 1), C- or F-contiguous: the BLAS computes y^T y from y or from y^T
+        if y.flags.f_contiguous:
+            dsyrk(1.0, y, beta=1.0, c=out, trans=1, lower=1, overwrite_c=1)
+        else:
+            dsyrk(1.0, y.T, beta=1.0, c=out, trans=0, lower=1, overwrite_c=1)
+    return (np.zeros(d) if shift is None else shift), out
+
+
+def moments_of_sums(count: int, shift: Any, sums: Any) -> Partial:
+    """``(count, mean, m2)`` from an accumulator of :func:`shifted_sums` (lower triangle).
+
+    Examples
+    --------
+    >>> x = np.array([[1.0, 2.0], [3.0, 6.0]])
+    >>> shift, sums = shifted_sums(x, np.ones(2))
+    >>> n, mean, m2 = moments_of_sums(2, shift, sums)
+    >>> mean.tolist(), m2.tolist()
+    ([2.0, 4.0], [[2.0, 4.0], [4.0, 8.0]])
+    """
+    d = int(sums.shape[0]) - 1
+    if count == 0:
+        return 0, _zeros_like(sums, (d,)), _zeros_like(sums, (d, d))
+    s = sums[d, :d]
+    if isinstance(sums, np.ndarray):
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite rows are counted by the callers
+            mean = shift + s / count
+            m2 = np.tril(sums[:d, :d])
+            m2 += np.tril(sums[:d, :d], -1).T
+            correction = np.multiply.outer(s, s)
+            correction /= count
+            m2 -= correction
+        return count, mean, m2
+    mean = shift + s / count
+    m2 = sums[:d, :d].tril()
+    m2 = m2 + m2.tril(-1).T
+    return count, mean, m2 - (s[:, None] * s[None, :]) / count
+
+
+def batch_moments(x: Any, feature_major: bool = False) -> Partial:
     """Count, mean and centred second moment of one batch, in float64.
 
     Parameters
     ----------
     x : numpy.ndarray or torch.Tensor
-        The sample matrix, shape ``(n, d)``; or ``(d, n)`` with ``feature_major=True``
-        (the faster layout for a channelwise convolution).
+        The sample matrix, shape ``(n, d)``; or ``(d, ...)`` with ``feature_major=True``, whose
+        other axes are the rows (the faster layout for a channelwise convolution).
     feature_major : bool
         Whether features run along the first axis.
-    overwrite : bool
-        Centre ``x`` in place when it is already float64 (saves a copy of ``x``; for a buffer the
-        caller owns). The numbers are the same.
 
     Returns
     -------
     count : int
-        Number of samples ``n``.
+        Number of rows ``n``.
     mean : array of shape (d,)
-        Sample mean, float64.
+        Row mean, float64 (a torch tensor for a torch input).
     m2 : array of shape (d, d)
-        ``sum_i (x_i - mean)(x_i - mean)^T``, float64.
+        ``sum_i (x_i - mean)(x_i - mean)^T``, float64, symmetric.
 
     Examples
     --------
-    >>> import numpy as np
     >>> n, mean, m2 = batch_moments(np.array([[1.0, 2.0], [3.0, 6.0]]))
     >>> n, mean.tolist(), m2.tolist()
     (2, [2.0, 4.0], [[2.0, 4.0], [4.0, 8.0]])
     """
-    axis = 1 if feature_major else 0
-    n = int(x.shape[axis])
-    d = int(x.shape[1 - axis])
-    if isinstance(x, np.ndarray) and n > 0:
-        # One fused pass casts to float64 and centres; ``a @ a.T`` then runs as a SYRK.
-        mean = x.mean(axis=axis, dtype=np.float64)
-        if feature_major:
-            centred = np.subtract(x, mean[:, None], dtype=np.float64)
-            return n, mean, centred @ centred.T
-        centred = np.subtract(x, mean[None, :], dtype=np.float64)
-        return n, mean, centred.T @ centred
-    x64 = _to_float64(x)
+    native, ok = _native(x)
+    if not ok:
+        return _torch_batch_moments(native, feature_major)
+    d, n, _ = _layout(native, feature_major)
+    with one_blas_thread():
+        shift, sums = shifted_sums(native, feature_major=feature_major)
+    part = moments_of_sums(n, shift, sums)
+    return part if isinstance(x, np.ndarray) else _as_torch(part)
+
+
+def _as_torch(part: Partial) -> Partial:
+    """``part`` with CPU torch tensors (sharing the numpy arrays' memory)."""
+    import torch
+
+    return part[0], torch.from_numpy(np.asarray(part[1])), torch.from_numpy(np.asarray(part[2]))
+
+
+# -- torch on other devices -------------------------------------------------------------------------
+def _torch_rows(x: Any, feature_major: bool) -> Any:
+    import torch
+
+    x64 = x.to(torch.float64)
+    return x64.reshape(x64.shape[0], -1).T if feature_major else x64
+
+
+def _torch_shift(x: Any, feature_major: bool) -> Any:
+    import torch
+
+    rows = _torch_rows(x, feature_major)
+    mean = rows[: slab_rows(rows.shape[1])].mean(dim=0)
+    return torch.where(torch.isfinite(mean), mean, torch.zeros_like(mean))
+
+
+def _torch_batch_moments(x: Any, feature_major: bool) -> Partial:
+    import torch
+
+    rows = _torch_rows(x, feature_major)
+    n, d = int(rows.shape[0]), int(rows.shape[1])
     if n == 0:
-        return 0, _zeros_like(x64, (d,)), _zeros_like(x64, (d, d))
-    in_place = overwrite and x64 is x
-    if feature_major:
-        mean = x64.sum(1) / n
-        # A float64 buffer is needed anyway for the centring: x itself when the caller allows it.
-        if in_place:
-            x64 -= mean[:, None]
-            centred = x64
-        else:
-            centred = x64 - mean[:, None]
-        m2 = centred @ centred.T
-    else:
-        mean = x64.sum(0) / n
-        if in_place:
-            x64 -= mean[None, :]
-            centred = x64
-        else:
-            centred = x64 - mean[None, :]
-        m2 = centred.T @ centred
-    return n, mean, m2
+        return 0, rows.new_zeros(d), rows.new_zeros((d, d))
+    shift = _torch_shift(x, feature_major)
+    y = torch.cat([rows - shift, rows.new_ones((n, 1))], dim=1)
+    return moments_of_sums(n, shift, (y.T @ y).tril())
 
 
 def _zeros_like(ref: Any, shape: tuple[int, ...]) -> Any:
@@ -106,17 +413,15 @@ def _zeros_like(ref: Any, shape: tuple[int, ...]) -> Any:
     return torch.zeros(shape, dtype=torch.float64, device=ref.device)
 
 
-def merge_moments(
-    a: tuple[int, Any, Any], b: tuple[int, Any, Any], *, inplace: bool = False
-) -> tuple[int, Any, Any]:
+# -- merging ---------------------------------------------------------------------------------------
+def merge_moments(a: Partial, b: Partial, *, inplace: bool = False) -> Partial:
     """Merge two partial moments ``(count, mean, m2)`` (Chan et al.'s pairwise update).
 
-    With ``inplace=True`` the result's ``m2`` is ``a``'s ``m2`` array, updated in place (no
-    temporary d x d arrays beyond one; for an accumulator that owns ``a``). The numbers are the same.
+    With ``inplace=True`` the result's ``m2`` is ``a``'s ``m2`` array, updated in place (for an
+    accumulator that owns ``a``; its d x d temporary is a reused buffer). The numbers are the same.
 
     Examples
     --------
-    >>> import numpy as np
     >>> x = np.arange(12.0).reshape(6, 2) ** 1.5
     >>> n, mean, m2 = merge_moments(batch_moments(x[:2]), batch_moments(x[2:]))
     >>> bool(np.allclose(m2 / n, np.cov(x.T, bias=True)))
@@ -128,25 +433,36 @@ def merge_moments(
         return nb, mb, sb
     if nb == 0:
         return na, ma, sa
+    if isinstance(sa, np.ndarray):
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite rows are counted by the callers
+            return _chan(na, ma, sa, nb, mb, sb, inplace)
+    return _chan(na, ma, sa, nb, mb, sb, inplace)
+
+
+def _chan(na: int, ma: Any, sa: Any, nb: int, mb: Any, sb: Any, inplace: bool) -> Partial:
     n = na + nb
     delta = mb - ma
     mean = ma + delta * (nb / n)
-    if inplace:
-        # Same operations in the same order as below: (sa + sb) + (outer * factor).
-        sa += sb
-        outer = delta[:, None] * delta[None, :]
+    if inplace and isinstance(sa, np.ndarray) and sa.flags.writeable:
+        # The same operations in the same order as below: (sa + sb) + (outer * factor).
+        outer = np.multiply(delta[:, None], delta[None, :], out=thread_buffer("moments.outer", sa.shape))
         outer *= na * nb / n
+        sa += sb
         sa += outer
+        return n, mean, sa
+    if inplace:
+        sa += sb
+        sa += (delta[:, None] * delta[None, :]) * (na * nb / n)
         return n, mean, sa
     m2 = sa + sb + (delta[:, None] * delta[None, :]) * (na * nb / n)
     return n, mean, m2
 
 
-def tree_merge(parts: Sequence[tuple[int, Any, Any]]) -> tuple[int, Any, Any]:
+def tree_merge(parts: Sequence[Partial]) -> Partial:
     """Merge partial moments pairwise in a fixed, balanced tree order.
 
-    The order only depends on the position of each part in ``parts``, so the
-    result is bit-for-bit reproducible for a given list.
+    The order only depends on the position of each part in ``parts``, so the result is bit-for-bit
+    reproducible for a given list.
     """
     if not parts:
         raise ValueError("tree_merge needs at least one partial moment")
@@ -159,22 +475,44 @@ def tree_merge(parts: Sequence[tuple[int, Any, Any]]) -> tuple[int, Any, Any]:
     return level[0]
 
 
-@dataclass
+# -- the stateful shell ----------------------------------------------------------------------------
+def _all_finite(x: Any) -> bool:
+    if isinstance(x, np.ndarray):
+        return bool(np.isfinite(x).all())
+    import torch
+
+    return bool(torch.isfinite(x).all())
+
+
 class Moments:
-    """Streaming moments of a sample matrix (a stateful shell around the kernels).
+    """Streaming moments of a sample matrix: a stateful shell around the kernels.
+
+    State: the moments merged so far ``(count, mean, m2)`` and, for short batches, a block of
+    shifted sums not yet turned into moments (:func:`shifted_sums`). :meth:`update` adds a batch,
+    :meth:`merge` another partial result (Chan's update), :meth:`compute` returns ``(count, mean,
+    m2)``, :meth:`reset` forgets everything.
+
+    A batch of at least ``OWN_MOMENTS_ROWS_PER_FEATURE * (d + 1)`` rows (a conv map's positions)
+    gets its own moments (:func:`batch_moments`), merged into the state; a shorter one is added to
+    the shifted sums of the current block (one product and no d x d merge per batch). The same
+    batches in the same order give the same bits wherever this class is used.
+
+    Parameters
+    ----------
+    count, mean, m2 : optional
+        Start from these partial moments.
+    keep_last : bool
+        Keep what it takes to return the moments of the last batch alone (:meth:`last`): those
+        moments themselves, or a copy of a short batch's rows.
 
     Attributes
     ----------
-    count : int
-        Number of samples seen.
-    mean : array of shape (d,) or None
-        Running mean (float64), None before the first update.
-    m2 : array of shape (d, d) or None
-        Centred second moment (float64).
+    last_finite : bool or None
+        Whether the last batch was free of NaN / Inf; None when that is unknown (a short batch
+        added to shifted sums that already held a non-finite value).
 
     Examples
     --------
-    >>> import numpy as np
     >>> rng = np.random.default_rng(0)
     >>> x = rng.normal(size=(100, 3))
     >>> acc = Moments()
@@ -184,46 +522,150 @@ class Moments:
     True
     """
 
-    count: int = 0
-    mean: Any = None
-    m2: Any = None
+    def __init__(self, count: int = 0, mean: Any = None, m2: Any = None, *, keep_last: bool = False) -> None:
+        self._merged: Partial | None = None if mean is None else (int(count), mean, m2)
+        self._owned = False  # whether _merged's m2 may be updated in place (nobody else holds it)
+        self._shift: Any = None
+        self._sums: np.ndarray | None = None
+        self._rows = 0
+        self._sums_finite = True
+        self._torch = False  # inputs were torch tensors: results are too
+        self.keep_last = keep_last
+        self._last: Any = None
+        self._last_rows: np.ndarray | None = None
+        self.last_finite: bool | None = None
 
+    # -- state ---------------------------------------------------------------------------------------
     def update(self, x: Any, feature_major: bool = False) -> Moments:
-        """Add a batch ``x`` of shape ``(n, d)`` (or ``(d, n)`` when feature major)."""
-        self.merge(Moments(*batch_moments(x, feature_major=feature_major)))
+        """Add a batch ``x`` (``(n, d)``; ``(d, n)`` or ``(d, a, b)`` when feature major)."""
+        native, blas = _native(x)
+        self._torch = not isinstance(x, np.ndarray)
+        if blas:
+            d, n, _ = _layout(native, feature_major)
+        else:
+            n = int(x.shape[1:].numel() if feature_major else x.shape[0])
+            d = int(x.shape[0] if feature_major else x.shape[1])
+        if n == 0:
+            self.last_finite = True
+            return self
+        if not blas or n >= OWN_MOMENTS_ROWS_PER_FEATURE * (d + 1):
+            part = batch_moments(x, feature_major)
+            self._fold(part, shared=self.keep_last)
+            self.last_finite = _all_finite(part[1])
+            if self.keep_last:
+                self._last, self._last_rows = part, None
+            return self
+        with one_blas_thread():
+            if self._sums is None:
+                self._shift, self._sums = shifted_sums(native, feature_major=feature_major)
+                self._rows = 0
+                known = True
+            else:
+                known = self._sums_finite
+                shifted_sums(native, self._shift, self._sums, feature_major)
+        self._rows += n
+        s = self._sums
+        self._sums_finite = bool(np.isfinite(np.diagonal(s)).all() and np.isfinite(s[-1]).all())
+        self.last_finite = self._sums_finite if known else None
+        if self.keep_last:
+            self._keep_rows(native, feature_major)
         return self
+
+    def _keep_rows(self, native: np.ndarray, feature_major: bool) -> None:
+        """Copy a short batch's rows (into the previous copy's buffer when it fits)."""
+        kept = self._last_rows
+        if kept is None or kept.shape != native.shape or kept.dtype != native.dtype:
+            kept = np.empty_like(native)
+        np.copyto(kept, native)
+        self._last, self._last_rows = feature_major, kept
+
+    def _fold(self, part: Partial, shared: bool) -> None:
+        """Merge ``part`` into the state (after the pending shifted sums)."""
+        self._flush()
+        if self._merged is None:
+            self._merged, self._owned = part, not shared
+        else:
+            self._merged = merge_moments(self._merged, part, inplace=self._owned)
+            self._owned = True
+
+    def _flush(self) -> None:
+        """Turn the pending shifted sums into moments and merge them into the state."""
+        if self._sums is None:
+            return
+        part = moments_of_sums(self._rows, self._shift, self._sums)
+        self._sums, self._shift, self._rows, self._sums_finite = None, None, 0, True
+        self._fold(_as_torch(part) if self._torch else part, shared=False)
 
     def merge(self, other: Moments) -> Moments:
-        """Merge another partial result into this one (in place)."""
-        if other.mean is None:
+        """Merge another partial result into this one (in place); returns ``self``."""
+        part = other.compute()
+        if part[1] is None:
             return self
-        if self.mean is None:
-            self.count, self.mean, self.m2 = other.count, other.mean, other.m2
-            return self
-        self.count, self.mean, self.m2 = merge_moments(self.as_tuple(), other.as_tuple())
+        self._torch = self._torch or not isinstance(part[1], np.ndarray)
+        self._fold(part, shared=True)
         return self
 
-    def as_tuple(self) -> tuple[int, Any, Any]:
-        return self.count, self.mean, self.m2
+    def compute(self) -> tuple[int, Any, Any]:
+        """``(count, mean, m2)`` of everything added; ``(0, None, None)`` before anything was.
 
-    def reset(self) -> None:
-        self.count, self.mean, self.m2 = 0, None, None
+        The arrays are the state's own until the next update: copy them to keep them.
+        """
+        self._flush()
+        if self._merged is None:
+            return 0, None, None
+        self._owned = False  # handed out
+        return self._merged
+
+    def last(self) -> Partial | None:
+        """``(count, mean, m2)`` of the last batch alone (``keep_last=True``), or None."""
+        if self._last is None or not isinstance(self._last, bool):
+            return self._last
+        part = batch_moments(self._last_rows, self._last)
+        return _as_torch(part) if self._torch else part
+
+    def reset(self, keep_last: bool = False) -> None:
+        """Forget every batch; with ``keep_last``, :meth:`last` still returns the last one's moments."""
+        last, rows, torch_out = self._last, self._last_rows, self._torch
+        self.__init__(keep_last=self.keep_last)  # type: ignore[misc]
+        if keep_last:
+            self._last, self._last_rows, self._torch = last, rows, torch_out
+
+    # -- views ---------------------------------------------------------------------------------------
+    def as_tuple(self) -> tuple[int, Any, Any]:
+        """:meth:`compute`."""
+        return self.compute()
+
+    @property
+    def count(self) -> int:
+        """Rows added so far (does not finish the pending block)."""
+        return (self._merged[0] if self._merged is not None else 0) + self._rows
+
+    @property
+    def mean(self) -> Any:
+        return self.compute()[1]
+
+    @property
+    def m2(self) -> Any:
+        return self.compute()[2]
 
     @property
     def dim(self) -> int | None:
-        return None if self.mean is None else int(self.mean.shape[0])
+        mean = self.mean
+        return None if mean is None else int(mean.shape[0])
 
     def covariance(self) -> np.ndarray:
         """Population covariance ``m2 / count`` as a float64 numpy array."""
-        if self.mean is None or self.count == 0:
+        count, mean, m2 = self.compute()
+        if mean is None or count == 0:
             raise ValueError("no samples were added to these moments")
-        return to_numpy(self.m2) / self.count
+        return to_numpy(m2) / count
 
     def to_numpy(self) -> Moments:
         """A copy whose arrays are numpy float64 arrays."""
-        if self.mean is None:
+        count, mean, m2 = self.compute()
+        if mean is None:
             return Moments()
-        return Moments(self.count, to_numpy(self.mean), to_numpy(self.m2))
+        return Moments(count, to_numpy(mean).copy(), to_numpy(m2).copy())
 
 
 def to_numpy(x: Any) -> np.ndarray:
