@@ -2,15 +2,17 @@
 
 Raw activations
 ---------------
-A layer's raw array is read in tasks of ``2**k`` consecutive store chunks (aligned).
-Each task computes, for every store chunk and every (epoch, phase) group with
-selected rows in that chunk, the float64 moments of each reduction method's
-matrix. Moments are merged over a binary tree whose shape depends only on the
-store's chunk index (node ``[lo, hi)`` = merge of its two halves, an empty half
-being the identity): tasks build the lower levels, dask ``delayed`` merges build
-the upper ones. The result is therefore bit-for-bit the same whatever the task
-size, the scheduler (synchronous, threads, processes, distributed) or the
-number of workers.
+A layer's raw array is read in tasks of ``2**k`` consecutive store chunks (aligned),
+by the store's chunk reader (:class:`capture.store.RawChunks`). Each task computes,
+for every store chunk and every (epoch, phase) group with selected rows in that
+chunk, the float64 moments of each reduction method's matrix with the capture
+hook's kernel (:func:`capture.moments.batch_moments`: the cast fused with the
+shift, one product per slab, no centring pass). Moments are merged over a binary
+tree whose shape depends only on the store's chunk index (node ``[lo, hi)`` =
+merge of its two halves, an empty half being the identity): tasks build the lower
+levels, dask ``delayed`` merges build the upper ones. The result is therefore
+bit-for-bit the same whatever the task size, the scheduler (synchronous, threads,
+processes, distributed) or the number of workers.
 
 Gram blocks
 -----------

@@ -12,6 +12,9 @@ ones is appended, and one BLAS ``dsyrk`` per slab of rows adds ``y_i y_i^T`` (``
 then holds ``Q = sum (x_i - s)(x_i - s)^T``, the column sums ``S = sum (x_i - s)`` and the count.
 Only when a block is finished are they turned into ``mean = s + S / n`` and ``m2 = Q - S S^T / n``.
 There is no separate mean pass and no centring pass, and the cast happens in cache-sized slabs.
+A batch of two slabs or more is taken as two halves summed apart and added at the end; the second
+half may run on a helper thread (:func:`helper_thread`: the capture hook's, while training waits
+for it) without changing a bit.
 
 The shift rule (:func:`shift_of`): the float64 mean of the first slab of rows of the first batch
 (the first ``slab_rows(d)`` rows; non-finite entries replaced by 0). It depends on the rows alone,
@@ -25,7 +28,8 @@ large common offset).
 Between blocks, partial moments ``(count, mean, m2)`` are merged pairwise (Chan, Golub and
 LeVeque), which is cancellation safe: :func:`merge_moments`, :func:`tree_merge`.
 
-:class:`Moments` is the stateful shell (``update``, ``merge``, ``compute``, ``reset``).
+:class:`Moments` is the stateful shell (``update``, ``merge``, ``compute``, ``reset``), and
+:func:`one_blas_thread` the one BLAS-thread limit of both stages.
 
 Arrays: numpy arrays and CPU torch tensors go through the BLAS kernels above (torch tensors come
 back as torch tensors); tensors on other devices are reduced with torch on their device by the same
@@ -46,6 +50,7 @@ from capture.buffers import thread_buffer
 __all__ = [
     "Moments",
     "batch_moments",
+    "helper_thread",
     "merge_moments",
     "moments_of_sums",
     "one_blas_thread",
@@ -56,8 +61,8 @@ __all__ = [
     "to_numpy",
 ]
 
-#: Bytes of float64 per slab of rows cast for one ``dsyrk`` (it stays in a core's L2 cache).
-SLAB_BYTES = 2 * 2**20
+#: Bytes of float64 per slab of rows cast for one ``dsyrk`` (measured: 4-8 MiB ran fastest here).
+SLAB_BYTES = 8 * 2**20
 #: Fewest rows per slab (a shorter product runs below the BLAS's speed).
 MIN_SLAB_ROWS = 512
 #: A batch with at least this many rows per feature gets its own moments, merged into the block
@@ -146,7 +151,7 @@ def slab_rows(d: int) -> int:
     Examples
     --------
     >>> slab_rows(128), slab_rows(1024)
-    (2032, 512)
+    (8128, 1023)
     """
     return max(MIN_SLAB_ROWS, SLAB_BYTES // (8 * (d + 1)))
 
@@ -247,10 +252,76 @@ def shift_of(x: Any, feature_major: bool = False) -> Any:
     return _slab_mean(_fill_slab(x, feature_major, runs, 0, min(n, slab_rows(d)), 0.0), d)
 
 
+def _add_rows(
+    x: np.ndarray,
+    feature_major: bool,
+    runs: tuple[int, int],
+    rows: tuple[int, int],
+    shift: np.ndarray | None,
+    out: np.ndarray,
+    on_shift: Any = None,
+) -> np.ndarray:
+    """Add the slabs of rows ``[r0, r1)`` to ``out``, one ``dsyrk`` each; returns the shift.
+
+    With ``shift=None`` the first slab gives it (:func:`shift_of`): cast as it is, averaged, then
+    shifted in cache; ``on_shift(shift)`` is called as soon as it is known.
+    """
+    dsyrk = _dsyrk()
+    d = out.shape[0] - 1
+    step = slab_rows(d)
+    for r0 in range(rows[0], rows[1], step):
+        r1 = min(rows[1], r0 + step)
+        if shift is None:
+            y = _fill_slab(x, feature_major, runs, r0, r1, 0.0)
+            shift = _slab_mean(y, d)
+            if on_shift is not None:
+                on_shift(shift)
+            y[:, :d] -= shift
+        else:
+            y = _fill_slab(x, feature_major, runs, r0, r1, shift)
+        # y is (rows, d + 1), C- or F-contiguous: the BLAS computes y^T y from y or from y^T
+        if y.flags.f_contiguous:
+            dsyrk(1.0, y, beta=1.0, c=out, trans=1, lower=1, overwrite_c=1)
+        else:
+            dsyrk(1.0, y.T, beta=1.0, c=out, trans=0, lower=1, overwrite_c=1)
+    return np.zeros(d) if shift is None else shift
+
+
+_helper: Any = None
+_helper_lock = threading.Lock()
+
+
+def helper_thread() -> Any:
+    """The one worker thread (a ``concurrent.futures`` executor) that can take half a product.
+
+    The capture hook passes it to the kernels (``helper=``): while the hook runs, training waits
+    and its other core is idle, so the second half of a long batch runs there. The numbers do not
+    depend on it (see :func:`shifted_sums`).
+    """
+    global _helper
+    with _helper_lock:
+        if _helper is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _helper = ThreadPoolExecutor(1, thread_name_prefix="capture-moments")
+        return _helper
+
+
 def shifted_sums(
-    x: Any, shift: np.ndarray | None = None, out: np.ndarray | None = None, feature_major: bool = False
+    x: Any,
+    shift: np.ndarray | None = None,
+    out: np.ndarray | None = None,
+    feature_major: bool = False,
+    *,
+    helper: Any = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Add ``sum_i y_i y_i^T``, ``y_i = [x_i - shift, 1]``, to the lower triangle of ``out``.
+
+    The rows are cast and shifted slab by slab (``slab_rows(d)`` rows) into a reused buffer, one
+    ``dsyrk`` (``beta=1``) per slab. A batch of at least two slabs is taken as two halves, rows
+    ``[0, n // 2)`` into ``out`` and the rest into a zeroed accumulator added to it at the end; with
+    ``helper`` (:func:`helper_thread`) the second half runs on that thread meanwhile. The result is
+    the same bits either way.
 
     Parameters
     ----------
@@ -265,6 +336,8 @@ def shifted_sums(
         A new zero one by default.
     feature_major : bool
         Whether features run along the first axis of ``x``.
+    helper : concurrent.futures.Executor, optional
+        Where the second half of a long batch may run.
 
     Returns
     -------
@@ -286,22 +359,35 @@ def shifted_sums(
         out = np.zeros((d + 1, d + 1), order="F")
     if out.shape != (d + 1, d + 1) or out.dtype != np.float64 or not out.flags.f_contiguous:
         raise ValueError(f"out: need a ({d + 1}, {d + 1}) float64 Fortran-ordered accumulator")
-    dsyrk = _dsyrk()
-    step = slab_rows(d)
-    for r0 in range(0, n, step):
-        r1 = min(n, r0 + step)
-        if shift is None:  # the first slab gives the shift: cast it as is, then shift it in cache
-            y = _fill_slab(x, feature_major, runs, r0, r1, 0.0)
-            shift = _slab_mean(y, d)
-            y[:, :d] -= shift
-        else:
-            y = _fill_slab(x, feature_major, runs, r0, r1, shift)
-        # y is (rows, d + 1), C- or F-contiguous: the BLAS computes y^T y from y or from y^T
-        if y.flags.f_contiguous:
-            dsyrk(1.0, y, beta=1.0, c=out, trans=1, lower=1, overwrite_c=1)
-        else:
-            dsyrk(1.0, y.T, beta=1.0, c=out, trans=0, lower=1, overwrite_c=1)
-    return (np.zeros(d) if shift is None else shift), out
+    if n < 2 * slab_rows(d):
+        return _add_rows(x, feature_major, runs, (0, n), shift, out), out
+    half = n // 2
+    second = _zeroed_sums("moments.second", d)
+    pending: list[Any] = []
+
+    def start_second(s: np.ndarray) -> None:
+        args = (x, feature_major, runs, (half, n), s, second)
+        pending.append(helper.submit(_add_rows, *args) if helper is not None else args)
+
+    if shift is not None:
+        start_second(shift)
+    shift = _add_rows(
+        x, feature_major, runs, (0, half), shift, out, on_shift=None if pending else start_second
+    )
+    job = pending[0]
+    if helper is not None:
+        job.result()
+    else:
+        _add_rows(*job)
+    out += second
+    return shift, out
+
+
+def _zeroed_sums(key: str, d: int) -> np.ndarray:
+    """A zeroed ``(d + 1, d + 1)`` Fortran-ordered accumulator in this thread's reused buffer ``key``."""
+    sums = thread_buffer(key, (d + 1, d + 1)).T
+    sums.fill(0.0)
+    return sums
 
 
 def moments_of_sums(count: int, shift: Any, sums: Any) -> Partial:
@@ -322,11 +408,7 @@ def moments_of_sums(count: int, shift: Any, sums: Any) -> Partial:
     if isinstance(sums, np.ndarray):
         with np.errstate(invalid="ignore", over="ignore"):  # non-finite rows are counted by the callers
             mean = shift + s / count
-            m2 = np.tril(sums[:d, :d])
-            m2 += np.tril(sums[:d, :d], -1).T
-            correction = np.multiply.outer(s, s)
-            correction /= count
-            m2 -= correction
+            m2 = _centred_from_sums(sums, s, count)
         return count, mean, m2
     mean = shift + s / count
     m2 = sums[:d, :d].tril()
@@ -334,7 +416,35 @@ def moments_of_sums(count: int, shift: Any, sums: Any) -> Partial:
     return count, mean, m2 - (s[:, None] * s[None, :]) / count
 
 
-def batch_moments(x: Any, feature_major: bool = False) -> Partial:
+#: Tile size of the mirror in :func:`_centred_from_sums` (a tile and its transpose stay in cache).
+_TILE = 64
+
+
+def _centred_from_sums(sums: np.ndarray, s: np.ndarray, count: int) -> np.ndarray:
+    """``Q - S S^T / n`` from the lower triangle of ``sums``, exactly symmetric, tile by tile.
+
+    Each lower tile is computed once and written twice (as itself and transposed); a whole-matrix
+    transposed read runs several times slower, out of cache.
+    """
+    d = len(s)
+    m2 = np.empty((d, d))
+    for i in range(0, d, _TILE):
+        ie = min(d, i + _TILE)
+        for j in range(0, i + 1, _TILE):
+            je = min(d, j + _TILE)
+            tile = np.multiply.outer(s[i:ie], s[j:je])
+            tile /= count
+            np.subtract(sums[i:ie, j:je], tile, out=tile)
+            m2[i:ie, j:je] = tile
+            if j != i:
+                m2[j:je, i:ie] = tile.T
+        block = m2[i:ie, i:ie]  # the diagonal tile: its upper part came from the (zero) upper triangle
+        upper = np.triu_indices(ie - i, 1)
+        block[upper] = block.T[upper]
+    return m2
+
+
+def batch_moments(x: Any, feature_major: bool = False, *, helper: Any = None) -> Partial:
     """Count, mean and centred second moment of one batch, in float64.
 
     Parameters
@@ -344,6 +454,8 @@ def batch_moments(x: Any, feature_major: bool = False) -> Partial:
         other axes are the rows (the faster layout for a channelwise convolution).
     feature_major : bool
         Whether features run along the first axis.
+    helper : concurrent.futures.Executor, optional
+        A thread for half of a long batch's product (:func:`shifted_sums`); the same bits.
 
     Returns
     -------
@@ -365,7 +477,8 @@ def batch_moments(x: Any, feature_major: bool = False) -> Partial:
         return _torch_batch_moments(native, feature_major)
     d, n, _ = _layout(native, feature_major)
     with one_blas_thread():
-        shift, sums = shifted_sums(native, feature_major=feature_major)
+        sums = _zeroed_sums("moments.sums", d)
+        shift, sums = shifted_sums(native, out=sums, feature_major=feature_major, helper=helper)
     part = moments_of_sums(n, shift, sums)
     return part if isinstance(x, np.ndarray) else _as_torch(part)
 
@@ -536,8 +649,11 @@ class Moments:
         self.last_finite: bool | None = None
 
     # -- state ---------------------------------------------------------------------------------------
-    def update(self, x: Any, feature_major: bool = False) -> Moments:
-        """Add a batch ``x`` (``(n, d)``; ``(d, n)`` or ``(d, a, b)`` when feature major)."""
+    def update(self, x: Any, feature_major: bool = False, *, helper: Any = None) -> Moments:
+        """Add a batch ``x`` (``(n, d)``; ``(d, n)`` or ``(d, a, b)`` when feature major).
+
+        ``helper``: a thread for half of a long batch's product (:func:`helper_thread`).
+        """
         native, blas = _native(x)
         self._torch = not isinstance(x, np.ndarray)
         if blas:
@@ -549,7 +665,7 @@ class Moments:
             self.last_finite = True
             return self
         if not blas or n >= OWN_MOMENTS_ROWS_PER_FEATURE * (d + 1):
-            part = batch_moments(x, feature_major)
+            part = batch_moments(x, feature_major, helper=helper if blas else None)
             self._fold(part, shared=self.keep_last)
             self.last_finite = _all_finite(part[1])
             if self.keep_last:
@@ -557,12 +673,12 @@ class Moments:
             return self
         with one_blas_thread():
             if self._sums is None:
-                self._shift, self._sums = shifted_sums(native, feature_major=feature_major)
+                self._shift, self._sums = shifted_sums(native, feature_major=feature_major, helper=helper)
                 self._rows = 0
                 known = True
             else:
                 known = self._sums_finite
-                shifted_sums(native, self._shift, self._sums, feature_major)
+                shifted_sums(native, self._shift, self._sums, feature_major, helper=helper)
         self._rows += n
         s = self._sums
         self._sums_finite = bool(np.isfinite(np.diagonal(s)).all() and np.isfinite(s[-1]).all())

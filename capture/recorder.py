@@ -22,7 +22,7 @@ from capture.format import (
     CaptureOptions,
 )
 from capture.layers import discover_layers, module_kind, primary_output
-from capture.moments import Moments, one_blas_thread, to_numpy
+from capture.moments import Moments, helper_thread, one_blas_thread, to_numpy
 from capture.reshape import (
     check_conv_method,
     check_interpolation,
@@ -258,6 +258,8 @@ class Recorder:
         self._device = None if device is None else torch.device(device)
         self._on_batch = on_batch
         self._on_block = on_block
+        # While the hook runs the training waits: its other core can take half of a long product.
+        self._helper = helper_thread() if torch.get_num_threads() > 1 else None
         self._store: RunStoreWriter | None = None
         self._writer: BackgroundWriter | None = None
         if path is not None:
@@ -598,7 +600,7 @@ class Recorder:
             acc = self._acc[key] = _Accumulator()
         if acc.first_call < 0:
             acc.first_call = call
-        acc.moments.update(mat, feature_major=feature_major)
+        acc.moments.update(mat, feature_major=feature_major, helper=self._helper)
         finite = acc.moments.last_finite
         if finite is None:  # the block already holds a NaN / Inf: look at this call's matrix itself
             finite = bool(torch.isfinite(mat).all())

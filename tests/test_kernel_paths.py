@@ -8,7 +8,8 @@
 - Merging partial moments in any grouping equals one pass to 1e-12.
 - The shift rule (the first slab's mean) and the ``mean`` conv method in float64.
 
-The references here are written independently of the package: numpy float64, two passes.
+The references are independent of the package: numpy float64, two passes, and the reshaping rules
+in numpy (``reference_matrix``, tests/conftest.py; ``mean`` in float64).
 """
 
 from __future__ import annotations
@@ -28,7 +29,15 @@ from analyze import analyze_runs
 from analyze.reduce import RawSource, raw_reduction_graph
 from capture import GramBlock, Recorder, open_run
 from capture.format import BLOCK_KIND_EPOCH, BLOCK_KIND_LAST_CALL
-from capture.moments import Moments, batch_moments, merge_moments, shift_of, slab_rows, tree_merge
+from capture.moments import (
+    Moments,
+    batch_moments,
+    helper_thread,
+    merge_moments,
+    shift_of,
+    slab_rows,
+    tree_merge,
+)
 from capture.reshape import METHODS, matrix_source
 from pipelines.metrics import TorchCovarianceMatrix
 from pipelines.pca_layers import Conv2DPCALayer, LinearPCALayer
@@ -51,24 +60,6 @@ def rel(actual: Any, expected: Any) -> float:
     scale = np.abs(expected).max(initial=0.0)
     diff = np.abs(actual - expected).max(initial=0.0)
     return diff / scale if scale > 0 else diff
-
-
-def reference_matrix(x: np.ndarray, layout: str, method: str) -> np.ndarray:
-    """The documented reshaping rules, in numpy (float64 for ``mean``)."""
-    n = len(x)
-    if layout == "flat":
-        return x.reshape(n, -1)
-    if layout == "sequence":
-        return x[:, -1, :] if method == "last_timestep" else x.reshape(n, -1)
-    c = x.shape[1]
-    maps = x.reshape(n, c, -1)
-    return {
-        "channelwise": lambda: np.moveaxis(maps, 1, 2).reshape(-1, c),
-        "mean": lambda: maps.astype(np.float64).mean(axis=2),
-        "max": lambda: maps.max(axis=2),
-        "median": lambda: np.sort(maps, axis=2)[:, :, (maps.shape[2] - 1) // 2],
-        "flatten": lambda: x.reshape(n, -1),
-    }[method]()
 
 
 def assert_same_bits(a: tuple, b: tuple, what: str) -> None:
@@ -120,7 +111,9 @@ def test_batch_moments_match_the_two_pass_reference(case: dict[str, Any]) -> Non
 
 @pytest.mark.parametrize("offset", [0.0, 1000.0])
 @pytest.mark.parametrize(("layout", "method"), [(lay, m) for lay, ms in METHODS.items() for m in ms])
-def test_every_layout_and_method_matches_the_reference(layout: str, method: str, offset: float) -> None:
+def test_every_layout_and_method_matches_the_reference(
+    layout: str, method: str, offset: float, reference_matrix: Any
+) -> None:
     rng = np.random.default_rng(7)
     shape = {"conv": (13, 5, 9, 7), "sequence": (11, 6, 4), "flat": (300, 7)}[layout]
     x = (rng.standard_normal(shape) * 2 + offset).astype(np.float32)
@@ -136,6 +129,28 @@ def test_torch_inputs_give_torch_results_with_the_same_bits() -> None:
     b = batch_moments(torch.from_numpy(x))
     assert isinstance(b[2], torch.Tensor) and b[2].dtype == torch.float64
     assert_same_bits(a, (b[0], b[1].numpy(), b[2].numpy()), "torch")
+
+
+@pytest.mark.parametrize("feature_major", [False, True])
+def test_a_helper_thread_changes_no_bit(feature_major: bool) -> None:
+    """A long batch is taken as two halves; the second may run on the helper thread."""
+    rng = np.random.default_rng(4)
+    d = 300
+    rows = (rng.standard_normal((2 * slab_rows(d) + 77, d)) + 1000).astype(np.float32)
+    x = np.ascontiguousarray(rows.T) if feature_major else rows
+    serial = batch_moments(x, feature_major)
+    assert_same_bits(batch_moments(x, feature_major, helper=helper_thread()), serial, "helper")
+    ref = two_pass(rows)
+    assert rel(serial[1], ref[1]) <= 1e-12 and rel(serial[2], ref[2]) <= 1e-12
+    # long batches added to a block's shifted sums (wide: fewer than 8 rows per feature)
+    wide = (rng.standard_normal((2 * slab_rows(1100) + 150, 1100)) + 1000).astype(np.float32)
+    a, b = Moments(), Moments()
+    for part in (wide[:100], wide[100:]):
+        a.update(part.T if feature_major else part, feature_major)
+        b.update(part.T if feature_major else part, feature_major, helper=helper_thread())
+    assert a._sums is not None  # the shifted-sums path
+    assert_same_bits(a.compute(), b.compute(), "helper, shifted sums")
+    assert rel(a.m2, two_pass(wide)[2]) <= 1e-12
 
 
 # -- the shift rule ------------------------------------------------------------------------------
@@ -162,7 +177,7 @@ def test_shift_is_the_first_slab_mean_and_ignores_non_finite_values() -> None:
     assert acc.last_finite and rel(acc.m2, two_pass(x[10:])[2]) <= 1e-12
 
 
-def test_a_far_first_row_does_not_cost_accuracy() -> None:
+def test_a_far_first_row_does_not_cost_accuracy(reference_matrix: Any) -> None:
     """A conv map's corner (zero padding) can lie far from the mean when the inputs carry an offset."""
     rng = np.random.default_rng(3)
     maps = (rng.standard_normal((8, 4, 16, 16)) * 0.01 + 1000).astype(np.float32)
@@ -270,7 +285,7 @@ PATHS_CASES = [(lay, m) for lay, ms in METHODS.items() for m in ms]
 @pytest.mark.parametrize(("layout", "method"), PATHS_CASES)
 @pytest.mark.parametrize("batches", ["one", "short", "long"])
 def test_the_same_rows_give_the_same_bits_on_every_path(
-    tmp_path: Path, layout: str, method: str, batches: str
+    tmp_path: Path, layout: str, method: str, batches: str, reference_matrix: Any
 ) -> None:
     rng = np.random.default_rng(11)
     shape = {"conv": (6, 3, 5, 5), "sequence": (40, 5, 3), "flat": (40, 9)}[layout]
@@ -311,7 +326,7 @@ def test_the_same_rows_give_the_same_bits_on_every_path(
         pca: LinearPCALayer = (
             LinearPCALayer(shape[1]) if layout == "flat" else Conv2DPCALayer(shape[1], verbose=False)
         )
-        for c, (m, fm) in zip(calls, sources, strict=True):
+        for c in calls:
             tcm.update(torch.from_numpy(reference_matrix(c, layout, method)))
             pca(torch.from_numpy(c))
         assert_same_bits((tcm._tlen, tcm.moments.mean.numpy(), tcm._cov_mtx.numpy()), expected, "metrics")
@@ -332,7 +347,7 @@ def spectrum_stats(cov: np.ndarray) -> dict[str, float]:
     }
 
 
-def test_mean_method_averages_in_float64(tmp_path: Path) -> None:
+def test_mean_method_averages_in_float64(tmp_path: Path, reference_matrix: Any) -> None:
     """trc / pr / erank of ``mean`` within 1e-12 of float64 (float32 averaging is off by ~1e-6 here)."""
     rng = np.random.default_rng(5)
     calls = [
