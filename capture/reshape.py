@@ -30,6 +30,7 @@ messages list.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -91,6 +92,15 @@ class MatrixMethod:
     rows: Callable[[torch.Tensor], torch.Tensor]
     width: Callable[[tuple[int, ...]], int]
     feature_major: bool = False
+
+
+def _tensor(x: np.ndarray) -> torch.Tensor:
+    """``x`` as a CPU tensor sharing its memory (read-only arrays too: nothing here writes to them)."""
+    if x.flags.writeable:
+        return torch.from_numpy(x)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+        return torch.from_numpy(x)
 
 
 def _features(shape: tuple[int, ...]) -> int:
@@ -317,7 +327,7 @@ def matrix_source(
     """
     entry = method_entry(layout, method)
     as_numpy = isinstance(x, np.ndarray)
-    t = torch.from_numpy(x) if as_numpy else x
+    t = _tensor(x) if as_numpy else x
     if layout == "conv":
         t = interpolate_maps(t, interpolation, downsample)
     out = entry.rows(t)
@@ -355,7 +365,7 @@ def to_matrix(
     ((8, 3), (2, 3))
     """
     as_numpy = isinstance(x, np.ndarray)
-    t = torch.from_numpy(np.ascontiguousarray(x)) if as_numpy else x
+    t = _tensor(np.ascontiguousarray(x)) if as_numpy else x
     out, preferred = matrix_source(t, layout, method, interpolation=interpolation, downsample=downsample)
     if preferred:
         out = out.reshape(out.shape[0], -1)

@@ -8,6 +8,7 @@ that is still being written (or whose writer was killed) reads consistently.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -122,6 +123,26 @@ class ChunkFiles:
         """The file of chunk ``chunk`` (it may not exist: a chunk never written)."""
         return os.path.join(self.folder, f"{self.prefix}{chunk}{self.suffix}")
 
+    def map(self, chunk: int, shape: tuple[int, ...]) -> np.ndarray | None:
+        """Chunk ``chunk`` of an uncompressed array, mapped read-only from its file (no copy).
+
+        None for a chunk never written (:meth:`read` gives its fill value). zarr writes a chunk file
+        as a new file renamed over the old one, so a mapped file does not shrink under the reader.
+        """
+        path = self.path(chunk)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * self.dtype.itemsize
+        try:
+            f = open(path, "rb")  # noqa: SIM115
+        except FileNotFoundError:
+            return None
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            if size != nbytes or size == 0:
+                raise ValueError(f"chunk file {path} holds {size} bytes, not {nbytes}")
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            mapped = mmap.mmap(f.fileno(), size, flags=flags, prot=mmap.PROT_READ)
+        return np.frombuffer(mapped, dtype=self.dtype).reshape(shape)
+
     def read(self, chunk: int, out: np.ndarray) -> None:
         """Decode chunk ``chunk`` into ``out`` (the whole chunk, C-contiguous), as zarr would.
 
@@ -188,8 +209,9 @@ class RawChunks:
     def chunks(self, lo: int = 0, hi: int | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
         """``(chunk, first row, rows)`` of each chunk in ``[lo, hi)`` holding committed rows, decoded.
 
-        The rows of a chunk are valid until the next chunk is read (they live in this thread's
-        reused buffer), so that a pass over a large array touches no fresh memory.
+        The rows of a chunk are read-only and valid until the next chunk is read (they live in this
+        thread's reused buffer, or in the chunk's mapped file), so that a pass over a large array
+        touches no fresh memory.
 
         Examples
         --------
@@ -215,20 +237,19 @@ class RawChunks:
                 yield chunk, c0, data[c0 - start : c1 - start]
             return
         shape = (r, *files.row_shape)
-        buffer = thread_buffer("store.chunk", shape, files.dtype)
-        decoded = (
-            thread_buffer("store.decoded", shape, np.float32) if self.stored_dtype == "bfloat16" else None
-        )
+        mapped = not files.blosc and self.stored_dtype != "bfloat16"
         for chunk in range(lo, hi):
             c0, c1 = chunk * r, min((chunk + 1) * r, self.rows)
-            files.read(chunk, buffer)
-            yield (
-                chunk,
-                c0,
-                decode_stored(
-                    buffer[: c1 - c0], self.stored_dtype, out=None if decoded is None else decoded[: c1 - c0]
-                ),
-            )
+            rows = files.map(chunk, shape) if mapped else None
+            if rows is None:
+                rows = thread_buffer("store.chunk", shape, files.dtype)
+                files.read(chunk, rows)
+                rows.flags.writeable = False
+            decoded = None
+            if self.stored_dtype == "bfloat16":
+                decoded = thread_buffer("store.decoded", shape, np.float32)[: c1 - c0]
+            yield chunk, c0, decode_stored(rows[: c1 - c0], self.stored_dtype, out=decoded)
+            del rows
 
 
 @dataclass
