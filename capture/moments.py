@@ -12,8 +12,8 @@ ones is appended, and one BLAS ``dsyrk`` per slab of rows adds ``y_i y_i^T`` (``
 then holds ``Q = sum (x_i - s)(x_i - s)^T``, the column sums ``S = sum (x_i - s)`` and the count.
 Only when a block is finished are they turned into ``mean = s + S / n`` and ``m2 = Q - S S^T / n``.
 There is no separate mean pass and no centring pass, and the cast happens in cache-sized slabs.
-A batch of two slabs or more is taken as two halves summed apart and added at the end; the second
-half may run on a helper thread (:func:`helper_thread`: the capture hook's, while training waits
+A long batch (a conv map's positions) is taken as two halves summed apart and added at the end;
+the second half may run on a helper thread (:func:`helper_thread`: the capture hook's, while training waits
 for it) without changing a bit.
 
 The shift rule (:func:`shift_of`): the float64 mean of the first slab of rows of the first batch
@@ -169,26 +169,38 @@ def _layout(x: np.ndarray, feature_major: bool) -> tuple[int, int, tuple[int, in
 
 
 def _fill_slab(
-    x: np.ndarray, feature_major: bool, runs: tuple[int, int], r0: int, r1: int, shift: Any
+    x: np.ndarray,
+    feature_major: bool,
+    runs: tuple[int, int],
+    r0: int,
+    r1: int,
+    shift: Any,
+    buf: np.ndarray | None = None,
+    at: int = 0,
 ) -> np.ndarray:
     """Rows ``[r0, r1)`` of ``x`` minus ``shift`` in float64, with a column of ones: ``(r1 - r0, d + 1)``.
 
-    Sample major, the result is C-contiguous; feature major, it is the transpose of a C-contiguous
-    ``(d + 1, rows)`` buffer. Either way the BLAS reads it without a copy.
+    Written into ``buf`` from its row ``at`` (sample major ``(capacity, d + 1)``, feature major
+    ``(d + 1, capacity)``, C-contiguous; this thread's slab buffer by default, filled from row 0).
+    Returns the rows written, as a view ``(rows, d + 1)``: the transpose of ``buf``'s columns when
+    feature major. From row 0 of the default buffer the BLAS reads it without a copy.
     """
     rows = r1 - r0
     if not feature_major:
         d = x.shape[1]
-        y = thread_buffer("moments.slab", (rows, d + 1))
+        if buf is None:
+            buf = thread_buffer("moments.slab", (rows, d + 1))
+        y = buf[at : at + rows]
         np.subtract(x[r0:r1], shift, out=y[:, :d], dtype=np.float64)
         y[:, d] = 1.0
         return y
     d = x.shape[0]
-    buf = thread_buffer("moments.slab", (d + 1, rows))
+    if buf is None:
+        buf = thread_buffer("moments.slab", (d + 1, rows))
     src = x.reshape(d, runs[0], runs[1])  # a view: x is (d, n) or (d, a, b)
     array_shift = isinstance(shift, np.ndarray)
     inner = runs[1]
-    pos, r = 0, r0
+    pos, r = at, r0
     while r < r1:  # at most three pieces: the end of a run, whole runs, the start of a run
         a, b = divmod(r, inner)
         if b == 0 and r1 - r >= inner:
@@ -206,8 +218,18 @@ def _fill_slab(
             )
         pos += step
         r += step
-    buf[d] = 1.0
-    return buf.T
+    buf[d, at : at + rows] = 1.0
+    return buf[:, at : at + rows].T
+
+
+def _syrk(y: np.ndarray, out: np.ndarray) -> None:
+    """``out += y^T y`` (lower triangle) for a slab ``y`` of :func:`_fill_slab`, without a copy."""
+    if y.flags.f_contiguous:
+        _dsyrk()(1.0, y, beta=1.0, c=out, trans=1, lower=1, overwrite_c=1)
+    elif y.flags.c_contiguous:
+        _dsyrk()(1.0, y.T, beta=1.0, c=out, trans=0, lower=1, overwrite_c=1)
+    else:  # a part of a streamed feature-major slab (the end of a block)
+        _dsyrk()(1.0, np.asfortranarray(y), beta=1.0, c=out, trans=1, lower=1, overwrite_c=1)
 
 
 def _native(x: Any) -> tuple[Any, bool]:
@@ -224,11 +246,14 @@ def _native(x: Any) -> tuple[Any, bool]:
     return x, False
 
 
-def _slab_mean(y: np.ndarray, d: int) -> np.ndarray:
-    """The shift from a slab of :func:`_fill_slab` filled without one (non-finite entries: 0)."""
-    mean = (
-        y.T[:d].mean(axis=1) if y.flags.f_contiguous and not y.flags.c_contiguous else y[:, :d].mean(axis=0)
-    )
+def _slab_mean(y: np.ndarray, d: int, feature_major: bool) -> np.ndarray:
+    """The shift from a slab of :func:`_fill_slab` filled without one (non-finite entries: 0).
+
+    Feature major, each feature's rows are contiguous (a pairwise sum); else the rows are added
+    in order. The same slab gives the same bits whichever buffer holds it.
+    """
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite rows are counted by the callers
+        mean = y.T[:d].mean(axis=1) if feature_major else y[:, :d].mean(axis=0)
     return np.where(np.isfinite(mean), mean, 0.0)
 
 
@@ -249,7 +274,7 @@ def shift_of(x: Any, feature_major: bool = False) -> Any:
     d, n, runs = _layout(x, feature_major)
     if n == 0:
         return np.zeros(d)
-    return _slab_mean(_fill_slab(x, feature_major, runs, 0, min(n, slab_rows(d)), 0.0), d)
+    return _slab_mean(_fill_slab(x, feature_major, runs, 0, min(n, slab_rows(d)), 0.0), d, feature_major)
 
 
 def _add_rows(
@@ -266,24 +291,19 @@ def _add_rows(
     With ``shift=None`` the first slab gives it (:func:`shift_of`): cast as it is, averaged, then
     shifted in cache; ``on_shift(shift)`` is called as soon as it is known.
     """
-    dsyrk = _dsyrk()
     d = out.shape[0] - 1
     step = slab_rows(d)
     for r0 in range(rows[0], rows[1], step):
         r1 = min(rows[1], r0 + step)
         if shift is None:
             y = _fill_slab(x, feature_major, runs, r0, r1, 0.0)
-            shift = _slab_mean(y, d)
+            shift = _slab_mean(y, d, feature_major)
             if on_shift is not None:
                 on_shift(shift)
             y[:, :d] -= shift
         else:
             y = _fill_slab(x, feature_major, runs, r0, r1, shift)
-        # y is (rows, d + 1), C- or F-contiguous: the BLAS computes y^T y from y or from y^T
-        if y.flags.f_contiguous:
-            dsyrk(1.0, y, beta=1.0, c=out, trans=1, lower=1, overwrite_c=1)
-        else:
-            dsyrk(1.0, y.T, beta=1.0, c=out, trans=0, lower=1, overwrite_c=1)
+        _syrk(y, out)
     return np.zeros(d) if shift is None else shift
 
 
@@ -318,7 +338,7 @@ def shifted_sums(
     """Add ``sum_i y_i y_i^T``, ``y_i = [x_i - shift, 1]``, to the lower triangle of ``out``.
 
     The rows are cast and shifted slab by slab (``slab_rows(d)`` rows) into a reused buffer, one
-    ``dsyrk`` (``beta=1``) per slab. A batch of at least two slabs is taken as two halves, rows
+    ``dsyrk`` (``beta=1``) per slab. A long batch (:func:`_long`) is taken as two halves, rows
     ``[0, n // 2)`` into ``out`` and the rest into a zeroed accumulator added to it at the end; with
     ``helper`` (:func:`helper_thread`) the second half runs on that thread meanwhile. The result is
     the same bits either way.
@@ -359,7 +379,7 @@ def shifted_sums(
         out = np.zeros((d + 1, d + 1), order="F")
     if out.shape != (d + 1, d + 1) or out.dtype != np.float64 or not out.flags.f_contiguous:
         raise ValueError(f"out: need a ({d + 1}, {d + 1}) float64 Fortran-ordered accumulator")
-    if n < 2 * slab_rows(d):
+    if not _long(n, d):
         return _add_rows(x, feature_major, runs, (0, n), shift, out), out
     half = n // 2
     second = _zeroed_sums("moments.second", d)
@@ -381,6 +401,16 @@ def shifted_sums(
         _add_rows(*job)
     out += second
     return shift, out
+
+
+def _long(n: int, d: int) -> bool:
+    """Whether a batch of ``n`` rows, ``d`` wide, is long: its own moments, summed as two halves.
+
+    Long: at least ``OWN_MOMENTS_ROWS_PER_FEATURE`` rows per feature and two slabs (a conv map's
+    positions). A short batch's slabs follow each other from its first row, as when it is streamed
+    into a block (:class:`Moments`), so one short batch gives the same bits either way.
+    """
+    return n >= OWN_MOMENTS_ROWS_PER_FEATURE * (d + 1) and n >= 2 * slab_rows(d)
 
 
 def _zeroed_sums(key: str, d: int) -> np.ndarray:
@@ -597,18 +627,98 @@ def _all_finite(x: Any) -> bool:
     return bool(torch.isfinite(x).all())
 
 
+class _ShiftedBlock:
+    """The shifted sums of a block of short batches, whose rows stream through one slab.
+
+    The rows of successive batches fill one float64 slab (cast, shifted, with the column of ones);
+    each full slab (``slab_rows(d)`` rows) is one ``dsyrk`` into the accumulator, so a block of many
+    short calls (an MLP's 128-row batches) runs long products, and the ``(d + 1)^2`` accumulator is
+    read and written once per slab, not once per call. The shift is the first batch's
+    (:func:`shift_of`). The slab grows with the rows it has held, up to a slab.
+    """
+
+    def __init__(self, d: int, feature_major: bool) -> None:
+        self.d, self.feature_major = d, feature_major
+        self.step = slab_rows(d)
+        self.sums = np.zeros((d + 1, d + 1), order="F")
+        self.slab = np.empty((0, 0))
+        self.filled = 0
+        self.rows = 0
+        self.shift: np.ndarray | None = None
+
+    def _room(self, rows: int) -> None:
+        """Make the slab hold ``rows`` rows (at most a slab), keeping what it holds."""
+        capacity = self.slab.shape[1] if self.feature_major else self.slab.shape[0]
+        if rows <= capacity:
+            return
+        grown = min(self.step, max(rows, 2 * capacity))
+        shape = (self.d + 1, grown) if self.feature_major else (grown, self.d + 1)
+        slab = np.empty(shape)
+        if self.filled:
+            if self.feature_major:
+                slab[:, : self.filled] = self.slab[:, : self.filled]
+            else:
+                slab[: self.filled] = self.slab[: self.filled]
+        self.slab = slab
+
+    def add(self, x: np.ndarray) -> bool:
+        """Stream the rows of ``x`` in; returns whether they were all finite."""
+        d, n, runs = _layout(x, self.feature_major)
+        total = 0.0
+        r = 0
+        with np.errstate(invalid="ignore", over="ignore"):
+            while r < n:
+                take = min(n - r, self.step - self.filled)
+                self._room(self.filled + take)
+                first = self.shift is None
+                y = _fill_slab(
+                    x,
+                    self.feature_major,
+                    runs,
+                    r,
+                    r + take,
+                    0.0 if first else self.shift,
+                    self.slab,
+                    self.filled,
+                )
+                if first:  # the shift rule: the first slab's rows of the first batch, in cache
+                    self.shift = _slab_mean(y, d, self.feature_major)
+                    y[:, :d] -= self.shift
+                total += float(y[:, :d].sum())
+                self.filled += take
+                r += take
+                if self.filled == self.step:
+                    self._product()
+        self.rows += n
+        return bool(np.isfinite(total))
+
+    def _product(self) -> None:
+        if self.filled:
+            y = self.slab[:, : self.filled].T if self.feature_major else self.slab[: self.filled]
+            _syrk(y, self.sums)
+            self.filled = 0
+
+    def finish(self) -> Partial:
+        """``(count, mean, m2)`` of the block."""
+        with one_blas_thread():
+            self._product()
+        assert self.shift is not None
+        return moments_of_sums(self.rows, self.shift, self.sums)
+
+
 class Moments:
     """Streaming moments of a sample matrix: a stateful shell around the kernels.
 
     State: the moments merged so far ``(count, mean, m2)`` and, for short batches, a block of
-    shifted sums not yet turned into moments (:func:`shifted_sums`). :meth:`update` adds a batch,
+    shifted sums not yet turned into moments (their rows streamed through one slab). :meth:`update` adds a batch,
     :meth:`merge` another partial result (Chan's update), :meth:`compute` returns ``(count, mean,
     m2)``, :meth:`reset` forgets everything.
 
     A batch of at least ``OWN_MOMENTS_ROWS_PER_FEATURE * (d + 1)`` rows (a conv map's positions)
-    gets its own moments (:func:`batch_moments`), merged into the state; a shorter one is added to
-    the shifted sums of the current block (one product and no d x d merge per batch). The same
-    batches in the same order give the same bits wherever this class is used.
+    gets its own moments (:func:`batch_moments`), merged into the state; a shorter one streams into
+    the shifted sums of the current block (no d x d merge per batch, one product per slab of rows).
+    The same batches in the same order give the same bits wherever this class is used; one short
+    batch alone gives the bits of :func:`batch_moments`.
 
     Parameters
     ----------
@@ -621,8 +731,7 @@ class Moments:
     Attributes
     ----------
     last_finite : bool or None
-        Whether the last batch was free of NaN / Inf; None when that is unknown (a short batch
-        added to shifted sums that already held a non-finite value).
+        Whether the last batch was free of NaN / Inf (None before any).
 
     Examples
     --------
@@ -638,10 +747,7 @@ class Moments:
     def __init__(self, count: int = 0, mean: Any = None, m2: Any = None, *, keep_last: bool = False) -> None:
         self._merged: Partial | None = None if mean is None else (int(count), mean, m2)
         self._owned = False  # whether _merged's m2 may be updated in place (nobody else holds it)
-        self._shift: Any = None
-        self._sums: np.ndarray | None = None
-        self._rows = 0
-        self._sums_finite = True
+        self._block: _ShiftedBlock | None = None  # short batches since the last merge
         self._torch = False  # inputs were torch tensors: results are too
         self.keep_last = keep_last
         self._last: Any = None
@@ -671,18 +777,12 @@ class Moments:
             if self.keep_last:
                 self._last, self._last_rows = part, None
             return self
+        block = self._block
+        if block is None or block.d != d or block.feature_major != feature_major:
+            self._flush()
+            block = self._block = _ShiftedBlock(d, feature_major)
         with one_blas_thread():
-            if self._sums is None:
-                self._shift, self._sums = shifted_sums(native, feature_major=feature_major, helper=helper)
-                self._rows = 0
-                known = True
-            else:
-                known = self._sums_finite
-                shifted_sums(native, self._shift, self._sums, feature_major, helper=helper)
-        self._rows += n
-        s = self._sums
-        self._sums_finite = bool(np.isfinite(np.diagonal(s)).all() and np.isfinite(s[-1]).all())
-        self.last_finite = self._sums_finite if known else None
+            self.last_finite = block.add(native)
         if self.keep_last:
             self._keep_rows(native, feature_major)
         return self
@@ -705,12 +805,11 @@ class Moments:
             self._owned = True
 
     def _flush(self) -> None:
-        """Turn the pending shifted sums into moments and merge them into the state."""
-        if self._sums is None:
-            return
-        part = moments_of_sums(self._rows, self._shift, self._sums)
-        self._sums, self._shift, self._rows, self._sums_finite = None, None, 0, True
-        self._fold(_as_torch(part) if self._torch else part, shared=False)
+        """Turn the pending block of short batches into moments and merge them into the state."""
+        block, self._block = self._block, None
+        if block is not None:
+            part = block.finish()
+            self._fold(_as_torch(part) if self._torch else part, shared=False)
 
     def merge(self, other: Moments) -> Moments:
         """Merge another partial result into this one (in place); returns ``self``."""
@@ -754,7 +853,7 @@ class Moments:
     @property
     def count(self) -> int:
         """Rows added so far (does not finish the pending block)."""
-        return (self._merged[0] if self._merged is not None else 0) + self._rows
+        return (self._merged[0] if self._merged is not None else 0) + (self._block.rows if self._block else 0)
 
     @property
     def mean(self) -> Any:

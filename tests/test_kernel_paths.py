@@ -148,9 +148,44 @@ def test_a_helper_thread_changes_no_bit(feature_major: bool) -> None:
     for part in (wide[:100], wide[100:]):
         a.update(part.T if feature_major else part, feature_major)
         b.update(part.T if feature_major else part, feature_major, helper=helper_thread())
-    assert a._sums is not None  # the shifted-sums path
+    assert a._block is not None  # the streamed shifted-sums path
     assert_same_bits(a.compute(), b.compute(), "helper, shifted sums")
     assert rel(a.m2, two_pass(wide)[2]) <= 1e-12
+
+
+@pytest.mark.parametrize("feature_major", [False, True])
+def test_short_batches_stream_through_one_slab(feature_major: bool) -> None:
+    """Short batches (fewer than 8 rows per feature) fill one slab after the other of a block."""
+    rng = np.random.default_rng(6)
+    d = 1100
+    step = slab_rows(d)
+    rows = (rng.standard_normal((3 * step + 17, d)) * 2 + 1000).astype(np.float32)
+
+    def fed(part: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(part.T) if feature_major else part
+
+    # one short batch of several slabs: the bits of batch_moments
+    alone = Moments().update(fed(rows), feature_major).compute()
+    assert_same_bits(alone, batch_moments(fed(rows), feature_major), "one short batch")
+    # batches of any sizes, slabs across their boundaries; one of them with a NaN
+    sizes = [100, step - 50, 30, step + 300, len(rows) - (100 + step - 50 + 30 + step + 300)]
+    parts = np.split(rows, np.cumsum(sizes)[:-1])
+    acc = Moments(keep_last=True)
+    flags = []
+    for part in parts:
+        acc.update(fed(part), feature_major)
+        flags.append(acc.last_finite)
+    assert flags == [True] * len(parts)
+    ref = two_pass(rows)
+    got = acc.compute()
+    assert got[0] == len(rows) and rel(got[1], ref[1]) <= 1e-12 and rel(got[2], ref[2]) <= 1e-12
+    assert_same_bits(acc.last(), batch_moments(fed(parts[-1]), feature_major), "last batch")
+    bad = parts[2].copy()
+    bad[3, 5] = np.nan
+    acc.update(fed(bad), feature_major)
+    assert acc.last_finite is False
+    acc.update(fed(parts[0]), feature_major)
+    assert acc.last_finite is True  # a finite batch after a NaN is known to be finite
 
 
 # -- the shift rule ------------------------------------------------------------------------------
