@@ -169,13 +169,24 @@ def _reduce_chunk_range(
                 parts = [data[max(a, c0) - c0 : min(b, c1) - c0] for a, b in ranges if a < c1 and b > c0]
                 if not parts:
                     continue
-                x = parts[0] if len(parts) == 1 else np.concatenate(parts)
+                x = parts[0] if len(parts) == 1 else np.concatenate(parts)  # calls apart (a selection)
                 leaf = leaves.setdefault(chunk, {})
                 for method in methods:
                     leaf[(group, method)] = _matrix_moments(x, method, src)
         chunk_reads["tasks"] += 1
         chunk_reads["rows"] += stop - start
         return _tree_over_positions(leaves, chunk_lo, chunk_hi)
+
+
+def _joined(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Row ranges with adjacent ones joined (calls one after the other: one view of a chunk, no copy)."""
+    out: list[tuple[int, int]] = []
+    for a, b in ranges:
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        elif b > a:
+            out.append((a, b))
+    return out
 
 
 def raw_reduction_graph(
@@ -214,6 +225,7 @@ def raw_reduction_graph(
     while size < max(1, -(-n_chunks // per_task)):
         size *= 2
     methods = tuple(methods)
+    groups = {g: _joined(rs) for g, rs in groups.items()}
     nodes: dict[int, Any] = {}
     for t in sorted(needed):
         lo = t * per_task

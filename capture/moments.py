@@ -74,8 +74,72 @@ Partial = tuple[int, Any, Any]
 
 
 # -- BLAS ------------------------------------------------------------------------------------------
+_blas_dsyrk: Any = None
+
+
 def _dsyrk() -> Any:
-    from scipy.linalg.blas import dsyrk
+    """``dsyrk(a, c, trans, lda)``: ``c += a^T a`` (``trans="T"``, ``a`` is k x n) or ``a a^T`` (``"N"``,
+    n x k), lower triangle, column-major with leading dimension ``lda``; in place.
+
+    The BLAS that scipy links, called through the function pointer scipy exports for Cython
+    (``scipy.linalg.cython_blas``) with ctypes, which releases the GIL for the call: the analysis
+    tasks and the hook's helper thread multiply at the same time (scipy's own wrapper holds the
+    GIL: two threads ran one after the other). The wrapper is the fallback.
+    """
+    global _blas_dsyrk
+    if _blas_dsyrk is None:
+        _blas_dsyrk = _capsule_dsyrk() or _wrapper_dsyrk()
+    return _blas_dsyrk
+
+
+def _capsule_dsyrk() -> Any:
+    import ctypes
+
+    try:
+        from scipy.linalg import cython_blas
+
+        capsule = cython_blas.__pyx_capi__["dsyrk"]
+        api = ctypes.pythonapi
+        api.PyCapsule_GetName.restype = ctypes.c_char_p
+        api.PyCapsule_GetName.argtypes = [ctypes.py_object]
+        api.PyCapsule_GetPointer.restype = ctypes.c_void_p
+        api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+        pointer = api.PyCapsule_GetPointer(capsule, api.PyCapsule_GetName(capsule))
+    except Exception:  # noqa: BLE001 - another scipy: its wrapper does the same (holding the GIL)
+        return None
+    c_int, c_double, ptr = ctypes.c_int, ctypes.c_double, ctypes.c_void_p
+    int_p, double_p = ctypes.POINTER(c_int), ctypes.POINTER(c_double)
+    blas = ctypes.CFUNCTYPE(
+        None, ctypes.c_char_p, ctypes.c_char_p, int_p, int_p, double_p, ptr, int_p, double_p, ptr, int_p
+    )(pointer)
+    one = c_double(1.0)
+
+    def dsyrk(a: np.ndarray, c: np.ndarray, trans: str, lda: int) -> None:
+        n = c.shape[0]
+        k = a.shape[0] if trans == "T" else a.shape[1]
+        blas(
+            b"L",
+            trans.encode(),
+            c_int(n),
+            c_int(k),
+            one,
+            a.ctypes.data,
+            c_int(lda),
+            one,
+            c.ctypes.data,
+            c_int(n),
+        )
+
+    return dsyrk
+
+
+def _wrapper_dsyrk() -> Any:
+    from scipy.linalg.blas import dsyrk as wrapped
+
+    def dsyrk(a: np.ndarray, c: np.ndarray, trans: str, lda: int) -> None:
+        if not a.flags.f_contiguous:  # a leading dimension beyond the rows: the wrapper copies
+            a = np.asfortranarray(a)
+        wrapped(1.0, a, beta=1.0, c=c, trans=1 if trans == "T" else 0, lower=1, overwrite_c=1)
 
     return dsyrk
 
@@ -223,13 +287,16 @@ def _fill_slab(
 
 
 def _syrk(y: np.ndarray, out: np.ndarray) -> None:
-    """``out += y^T y`` (lower triangle) for a slab ``y`` of :func:`_fill_slab`, without a copy."""
-    if y.flags.f_contiguous:
-        _dsyrk()(1.0, y, beta=1.0, c=out, trans=1, lower=1, overwrite_c=1)
-    elif y.flags.c_contiguous:
-        _dsyrk()(1.0, y.T, beta=1.0, c=out, trans=0, lower=1, overwrite_c=1)
-    else:  # a part of a streamed feature-major slab (the end of a block)
-        _dsyrk()(1.0, np.asfortranarray(y), beta=1.0, c=out, trans=1, lower=1, overwrite_c=1)
+    """``out += y^T y`` (lower triangle) for a slab ``y`` of :func:`_fill_slab`, without a copy.
+
+    ``y`` (rows, d + 1) is C-contiguous (sample major: its transpose is the column-major
+    ``(d + 1, rows)`` matrix ``A``, ``out += A A^T``), or a column-major matrix whose columns are
+    contiguous (feature major: ``A = y``, ``out += A^T A``; its leading dimension may exceed the rows).
+    """
+    if y.flags.c_contiguous and not (y.flags.f_contiguous and y.shape[0] > 1):
+        _dsyrk()(y.T, out, "N", y.shape[1])
+    else:
+        _dsyrk()(y, out, "T", y.strides[1] // 8)
 
 
 def _native(x: Any) -> tuple[Any, bool]:
