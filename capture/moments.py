@@ -99,12 +99,14 @@ def _capsule_dsyrk() -> Any:
         from scipy.linalg import cython_blas
 
         capsule = cython_blas.__pyx_capi__["dsyrk"]
-        api = ctypes.pythonapi
-        api.PyCapsule_GetName.restype = ctypes.c_char_p
-        api.PyCapsule_GetName.argtypes = [ctypes.py_object]
-        api.PyCapsule_GetPointer.restype = ctypes.c_void_p
-        api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
-        pointer = api.PyCapsule_GetPointer(capsule, api.PyCapsule_GetName(capsule))
+        # private prototypes (setting restype on ctypes.pythonapi's would change them for everyone)
+        get_name = ctypes.PYFUNCTYPE(ctypes.c_char_p, ctypes.py_object)(
+            ("PyCapsule_GetName", ctypes.pythonapi)
+        )
+        get_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
+            ("PyCapsule_GetPointer", ctypes.pythonapi)
+        )
+        pointer = get_pointer(capsule, get_name(capsule))
     except Exception:  # noqa: BLE001 - another scipy: its wrapper does the same (holding the GIL)
         return None
     c_int, c_double, ptr = ctypes.c_int, ctypes.c_double, ctypes.c_void_p

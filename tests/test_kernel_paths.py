@@ -188,6 +188,28 @@ def test_short_batches_stream_through_one_slab(feature_major: bool) -> None:
     assert acc.last_finite is True  # a finite batch after a NaN is known to be finite
 
 
+def test_the_blas_without_the_gil_gives_the_wrappers_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The products go through scipy's Cython BLAS pointer (no GIL); scipy's wrapper is the fallback."""
+    import capture.moments as kernels
+
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((3000, 300)) + 1000
+    fm = np.ascontiguousarray(x.T)
+    direct = (
+        batch_moments(x),
+        batch_moments(fm, True),
+        Moments().update(x[:100]).update(x[100:300]).compute(),
+    )
+    monkeypatch.setattr(kernels, "_blas_dsyrk", kernels._wrapper_dsyrk())
+    wrapped = (
+        batch_moments(x),
+        batch_moments(fm, True),
+        Moments().update(x[:100]).update(x[100:300]).compute(),
+    )
+    for a, b in zip(direct, wrapped, strict=True):
+        assert_same_bits(a, b, "BLAS through the wrapper")
+
+
 # -- the shift rule ------------------------------------------------------------------------------
 
 
