@@ -354,11 +354,13 @@ def _add_rows(
     shift: np.ndarray | None,
     out: np.ndarray,
     on_shift: Any = None,
+    split: tuple[np.ndarray, Any] | None = None,
 ) -> np.ndarray:
     """Add the slabs of rows ``[r0, r1)`` to ``out``, one ``dsyrk`` each; returns the shift.
 
     With ``shift=None`` the first slab gives it (:func:`shift_of`): cast as it is, averaged, then
-    shifted in cache; ``on_shift(shift)`` is called as soon as it is known.
+    shifted in cache; ``on_shift(shift)`` is called as soon as it is known. With ``split=(second,
+    helper)`` each slab's rows are halved between ``out`` and ``second`` (:func:`_split_syrk`).
     """
     d = out.shape[0] - 1
     step = slab_rows(d)
@@ -372,8 +374,24 @@ def _add_rows(
             y[:, :d] -= shift
         else:
             y = _fill_slab(x, feature_major, runs, r0, r1, shift)
-        _syrk(y, out)
+        if split is None:
+            _syrk(y, out)
+        else:
+            _split_syrk(y, out, split[0], split[1])
     return np.zeros(d) if shift is None else shift
+
+
+def _split_syrk(y: np.ndarray, first: np.ndarray, second: np.ndarray, helper: Any) -> None:
+    """A short batch's slab ``y`` in two halves of its rows: ``first += `` the first half's product,
+    ``second += `` the other's (on ``helper`` meanwhile, when given). The same bits either way."""
+    half = len(y) // 2
+    if helper is None:
+        _syrk(y[:half], first)
+        _syrk(y[half:], second)
+        return
+    job = helper.submit(_syrk, y[half:], second)
+    _syrk(y[:half], first)
+    job.result()
 
 
 _helper: Any = None
@@ -407,10 +425,10 @@ def shifted_sums(
     """Add ``sum_i y_i y_i^T``, ``y_i = [x_i - shift, 1]``, to the lower triangle of ``out``.
 
     The rows are cast and shifted slab by slab (``slab_rows(d)`` rows) into a reused buffer, one
-    ``dsyrk`` (``beta=1``) per slab. A long batch (:func:`_long`) is taken as two halves, rows
-    ``[0, n // 2)`` into ``out`` and the rest into a zeroed accumulator added to it at the end; with
-    ``helper`` (:func:`helper_thread`) the second half runs on that thread meanwhile. The result is
-    the same bits either way.
+    ``dsyrk`` (``beta=1``) per slab and half. A long batch (:func:`_long`) is taken as two halves,
+    rows ``[0, n // 2)`` into ``out`` and the rest into a zeroed accumulator added to it at the end;
+    a short batch's slabs are each halved that way (as when streamed into a block). With ``helper``
+    (:func:`helper_thread`) the second halves run on that thread meanwhile; the same bits either way.
 
     Parameters
     ----------
@@ -448,8 +466,11 @@ def shifted_sums(
         out = np.zeros((d + 1, d + 1), order="F")
     if out.shape != (d + 1, d + 1) or out.dtype != np.float64 or not out.flags.f_contiguous:
         raise ValueError(f"out: need a ({d + 1}, {d + 1}) float64 Fortran-ordered accumulator")
-    if not _long(n, d):
-        return _add_rows(x, feature_major, runs, (0, n), shift, out), out
+    if not _long(n, d):  # each slab's rows in two halves, as when streamed into a block
+        second = _zeroed_sums("moments.second", d)
+        shift = _add_rows(x, feature_major, runs, (0, n), shift, out, split=(second, helper))
+        out += second
+        return shift, out
     half = n // 2
     second = _zeroed_sums("moments.second", d)
     pending: list[Any] = []
@@ -703,13 +724,15 @@ class _ShiftedBlock:
     each full slab (``slab_rows(d)`` rows) is one ``dsyrk`` into the accumulator, so a block of many
     short calls (an MLP's 128-row batches) runs long products, and the ``(d + 1)^2`` accumulator is
     read and written once per slab, not once per call. The shift is the first batch's
-    (:func:`shift_of`). The slab grows with the rows it has held, up to a slab.
+    (:func:`shift_of`). The slab grows with the rows it has held, up to a slab (a narrow layer's
+    slab holds many rows: it is not taken whole for a block of a few calls).
     """
 
     def __init__(self, d: int, feature_major: bool) -> None:
         self.d, self.feature_major = d, feature_major
         self.step = slab_rows(d)
         self.sums = np.zeros((d + 1, d + 1), order="F")
+        self.second = np.zeros((d + 1, d + 1), order="F")  # the slabs' second halves
         self.slab = np.empty((0, 0))
         self.filled = 0
         self.rows = 0
@@ -720,7 +743,8 @@ class _ShiftedBlock:
         capacity = self.slab.shape[1] if self.feature_major else self.slab.shape[0]
         if rows <= capacity:
             return
-        grown = min(self.step, max(rows, 2 * capacity))
+        # at once to a whole slab for a wide layer (a slab is at most a few accumulators' size)
+        grown = min(self.step, max(rows, 2 * capacity, 4 * (self.d + 1)))
         shape = (self.d + 1, grown) if self.feature_major else (grown, self.d + 1)
         slab = np.empty(shape)
         if self.filled:
@@ -730,7 +754,7 @@ class _ShiftedBlock:
                 slab[: self.filled] = self.slab[: self.filled]
         self.slab = slab
 
-    def add(self, x: np.ndarray) -> bool:
+    def add(self, x: np.ndarray, helper: Any = None) -> bool:
         """Stream the rows of ``x`` in; returns whether they were all finite."""
         d, n, runs = _layout(x, self.feature_major)
         total = 0.0
@@ -757,20 +781,21 @@ class _ShiftedBlock:
                 self.filled += take
                 r += take
                 if self.filled == self.step:
-                    self._product()
+                    self._product(helper)
         self.rows += n
         return bool(np.isfinite(total))
 
-    def _product(self) -> None:
+    def _product(self, helper: Any = None) -> None:
         if self.filled:
             y = self.slab[:, : self.filled].T if self.feature_major else self.slab[: self.filled]
-            _syrk(y, self.sums)
+            _split_syrk(y, self.sums, self.second, helper)
             self.filled = 0
 
     def finish(self) -> Partial:
         """``(count, mean, m2)`` of the block."""
         with one_blas_thread():
             self._product()
+        self.sums += self.second
         assert self.shift is not None
         return moments_of_sums(self.rows, self.shift, self.sums)
 
@@ -851,7 +876,7 @@ class Moments:
             self._flush()
             block = self._block = _ShiftedBlock(d, feature_major)
         with one_blas_thread():
-            self.last_finite = block.add(native)
+            self.last_finite = block.add(native, helper)
         if self.keep_last:
             self._keep_rows(native, feature_major)
         return self
