@@ -406,8 +406,19 @@ def run_overhead(
             "kernels_alone_s_per_round": [k for _, k in floors],
             "kernels_alone_s": statistics.median(k for _, k in floors),
         },
-        "configs": {},
+        "configs": summarize(configs, steps, rounds),
     }
+    fl = out["float64_floor"]
+    fl["kernels_alone_vs_floor"] = fl["kernels_alone_s"] / fl["floor_s"]
+    fl["floor_pct_of_step"] = 100 * fl["floor_s"] / out["configs"]["none"]["step_s"]
+    for name, e in out["configs"].items():
+        if name != "none":
+            e["overhead_vs_floor"] = e["overhead_s"] / fl["floor_s"]
+    return out
+
+
+def summarize(configs: dict[str, Config], steps: int, rounds: int) -> dict[str, Any]:
+    """Per configuration: step times, overheads against ``none`` and ratios to delve's."""
 
     def round_medians(cfg: Config) -> list[float]:
         return [statistics.median(cfg.steps[i * steps : (i + 1) * steps]) for i in range(rounds)]
@@ -416,6 +427,7 @@ def run_overhead(
         # the first step of a round (an epoch) is a per-epoch cost, like the epoch end: left out
         return [statistics.fmean(cfg.steps[i * steps + 1 : (i + 1) * steps]) for i in range(rounds)]
 
+    out: dict[str, Any] = {}
     none_rounds = round_medians(configs["none"])
     none_mean = statistics.median(round_means(configs["none"]))
     none_med = statistics.median(configs["none"].steps)
@@ -456,12 +468,12 @@ def run_overhead(
         }
         if cfg.store_bytes:
             entry["store_bytes_per_round"] = int(statistics.median(cfg.store_bytes))
-        out["configs"][name] = entry
-    d = out["configs"]["delve"]
-    for name in config_names:
+        out[name] = entry
+    d = out["delve"]
+    for name in configs:
         if name not in RECORDER_KW:
             continue
-        e = out["configs"][name]
+        e = out[name]
         for key, ratio in (
             ("overhead_s", "overhead_vs_delve"),
             ("median_step_overhead_s", "median_step_overhead_vs_delve"),
@@ -470,12 +482,6 @@ def run_overhead(
             ("cpu_overhead_s", "cpu_overhead_vs_delve"),
         ):
             e[ratio] = e[key] / d[key] if d[key] > 0 else None
-    fl = out["float64_floor"]
-    fl["kernels_alone_vs_floor"] = fl["kernels_alone_s"] / fl["floor_s"]
-    fl["floor_pct_of_step"] = 100 * fl["floor_s"] / none_mean
-    for name, e in out["configs"].items():
-        if name != "none":
-            e["overhead_vs_floor"] = e["overhead_s"] / fl["floor_s"]
     return out
 
 
