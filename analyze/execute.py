@@ -22,7 +22,6 @@ from analyze.reduce import (
     ChunkReadError,
     Partial,
     RawSource,
-    _one_blas_thread,
     gram_partial,
     merge_partials,
     raw_reduction_graph,
@@ -31,6 +30,7 @@ from analyze.result import LayerFailure
 from analyze.selection import select_rows
 from analyze.stats import spectrum_of
 from capture.format import PHASES
+from capture.moments import one_blas_thread
 from capture.store import RankPart, open_run
 
 __all__ = ["Entry", "Reduction", "compute_with_progress", "raw_source", "reduce_covariances"]
@@ -280,7 +280,7 @@ def _finish_layer(
     out = {}
     # One BLAS thread, as in the reduction tasks (layers finish in parallel): on a busy machine a
     # 2-thread OpenBLAS eigh of a 1024-wide covariance took 2.4-3.3 s, against 0.3 s on one thread.
-    with _one_blas_thread():
+    with one_blas_thread():
         for key in wanted:
             merged = None
             for d in per_rank:

@@ -1,7 +1,8 @@
 """What the similarity pass borrows from the covariance reduction: chunk reading, thread limits, compute.
 
 This module is the one place where :mod:`analyze.similarity_graph` touches the raw-chunk reader and
-the execution helpers of the covariance reduction (:mod:`analyze.reduce`, :mod:`analyze.execute`).
+the execution helpers of the covariance reduction (:mod:`analyze.reduce`, :mod:`analyze.execute`),
+and the moment kernels' BLAS limit (:func:`capture.moments.one_blas_thread`).
 Each is wrapped by one small public function here, or passed on as it is
 (:func:`~analyze.execute.raw_source`, :func:`~analyze.execute.compute_with_progress`), so that a
 move of the reader (to :mod:`capture.store`) changes this module alone.
@@ -16,12 +17,12 @@ import threading
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import numpy as np
 
 from analyze.execute import compute_with_progress, raw_source
-from analyze.reduce import RawSource, _chunks_of, _one_blas_thread, _thread_scratch
+from analyze.reduce import RawSource
+from capture.moments import one_blas_thread
 
 __all__ = [
     "RawSource",
@@ -44,15 +45,10 @@ def read_chunks(src: RawSource, chunk_lo: int, chunk_hi: int) -> Iterator[tuple[
     The rows of a chunk live in a buffer that the next chunk overwrites: copy what you keep.
     float16 rows come back as float32 (as the covariance reduction works on them).
     """
-    for chunk, first, rows in _chunks_of(src, chunk_lo, chunk_hi, _thread_scratch()):
+    for chunk, first, rows in src.reader().chunks(chunk_lo, chunk_hi):
         with _reads_lock:
             chunk_reads[(src.store, src.array_path, chunk)] += 1
         yield chunk, first, rows.astype(np.float32) if rows.dtype == np.float16 else rows
-
-
-def one_blas_thread() -> Any:
-    """A context in which BLAS uses one thread (shared by the tasks of a process; see :mod:`analyze.reduce`)."""
-    return _one_blas_thread()
 
 
 _torch_lock = threading.Lock()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -23,13 +22,14 @@ from capture.format import (
     CaptureOptions,
 )
 from capture.layers import LayerType, discover_layers, module_kind, primary_output
-from capture.moments import batch_moments, merge_moments, to_numpy
+from capture.moments import Moments, helper_thread, one_blas_thread, to_numpy
 from capture.reshape import (
     check_conv_method,
     check_interpolation,
     check_timeseries_method,
     interpolate_maps,
     layout_of,
+    matrix_source,
     matrix_width,
     methods_for_layout,
     resizes,
@@ -43,23 +43,6 @@ __all__ = ["Recorder", "CaptureError", "GramBlock"]
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: Refuse gram moments wider than this (a d x d float64 matrix per block): 8192**2 * 8 B = 512 MiB.
 MAX_GRAM_WIDTH = 8192
-
-
-try:  # limits numpy's BLAS to one thread inside the hook (optional: without it, BLAS is left as is)
-    from threadpoolctl import ThreadpoolController as _ThreadpoolController
-except ImportError:  # pragma: no cover
-    _ThreadpoolController = None
-_blas_controller: Any = None
-
-
-def _one_blas_thread() -> Any:
-    """A context manager that runs numpy's BLAS on one thread (a no-op without threadpoolctl)."""
-    global _blas_controller
-    if _ThreadpoolController is None:
-        return contextlib.nullcontext()
-    if _blas_controller is None:
-        _blas_controller = _ThreadpoolController().select(user_api="blas")
-    return _blas_controller.limit(limits=1)
 
 
 class CaptureError(RuntimeError):
@@ -127,18 +110,83 @@ class GramBlock:
 
 
 class _Accumulator:
-    """Moments of one (phase, layer, method) since the last flushed block."""
+    """Moments of one (phase, layer, method) since the last flushed block, and its last call."""
 
     __slots__ = ("moments", "first_call", "last_call", "sample_rows", "nonfinite_rows", "last")
 
     def __init__(self) -> None:
-        self.moments: tuple[int, Any, Any] | None = None
+        self.moments = Moments(keep_last=True)
         self.first_call = -1
         self.last_call = -1
         self.sample_rows = 0
         self.nonfinite_rows = 0
-        # moments, call index, rows and non-finite rows of the last recorded call of the epoch
-        self.last: tuple[tuple[int, Any, Any], int, int, int] | None = None
+        # call index, rows and non-finite rows of the last recorded call of the epoch (its
+        # moments: ``moments.last()``)
+        self.last: tuple[int, int, int] | None = None
+
+
+def _check_arguments(
+    *,
+    mode: str,
+    dtype: str,
+    interpolation: str | None,
+    downsample: int | None,
+    compression: Any,
+    conv_methods: Iterable[str],
+    timeseries_methods: Iterable[str],
+    log_interval: int,
+    max_samples: int | None,
+    gram_block_rows: int,
+    chunk_bytes: int,
+    max_queue_bytes: int,
+    resume: bool,
+    overwrite: bool,
+    resume_epoch: int | None,
+    call_counters: Mapping[str, int] | None,
+    on_error: str,
+    path: Any,
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Refuse a bad :class:`Recorder` argument with a message naming it; the methods as tuples."""
+    if mode not in MODES:
+        raise ValueError(f"mode: unknown mode {mode!r}; valid values are: {', '.join(MODES)}")
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(
+            f"dtype: unknown storage dtype {dtype!r}; valid values are: {', '.join(STORAGE_DTYPES)}"
+        )
+    conv_methods = (conv_methods,) if isinstance(conv_methods, str) else tuple(conv_methods)
+    timeseries_methods = (
+        (timeseries_methods,) if isinstance(timeseries_methods, str) else tuple(timeseries_methods)
+    )
+    if not conv_methods or not timeseries_methods:
+        raise ValueError("conv_methods / timeseries_methods: name at least one method")
+    for m in conv_methods:
+        check_conv_method(m, "conv_methods")
+    for m in timeseries_methods:
+        check_timeseries_method(m, "timeseries_methods")
+    if downsample is not None and interpolation is None:
+        raise ValueError("downsample: set interpolation (e.g. 'bilinear') to resize maps")
+    check_interpolation(interpolation, downsample)
+    _check_positive_int(log_interval, "log_interval")
+    _check_positive_int(max_samples, "max_samples", allow_none=True)
+    _check_positive_int(gram_block_rows, "gram_block_rows")
+    _check_positive_int(chunk_bytes, "chunk_bytes")
+    _check_positive_int(max_queue_bytes, "max_queue_bytes")
+    if on_error not in ("raise", "warn"):
+        raise ValueError(f"on_error: must be 'raise' or 'warn', got {on_error!r}")
+    make_compressors(compression, 4)  # validates the name
+    if resume and overwrite:
+        raise ValueError("resume and overwrite: choose one")
+    if (resume_epoch is not None or call_counters is not None) and not resume:
+        raise ValueError("resume_epoch / call_counters: only with resume=True")
+    if resume_epoch is not None and (
+        isinstance(resume_epoch, bool)
+        or not isinstance(resume_epoch, (int, np.integer))
+        or resume_epoch < 0
+    ):
+        raise ValueError(f"resume_epoch: must be an integer >= 0, got {resume_epoch!r}")
+    if path is None and mode != "gram":
+        raise ValueError("path: a recorder without a store (path=None) needs mode='gram'")
+    return conv_methods, timeseries_methods
 
 
 class Recorder:
@@ -257,46 +305,26 @@ class Recorder:
         on_block: Callable[[GramBlock], None] | None = None,
         storage_options: dict[str, Any] | None = None,
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode: unknown mode {mode!r}; valid values are: {', '.join(MODES)}")
-        if dtype not in STORAGE_DTYPES:
-            raise ValueError(
-                f"dtype: unknown storage dtype {dtype!r}; valid values are: {', '.join(STORAGE_DTYPES)}"
-            )
-        conv_methods = (conv_methods,) if isinstance(conv_methods, str) else tuple(conv_methods)
-        timeseries_methods = (
-            (timeseries_methods,) if isinstance(timeseries_methods, str) else tuple(timeseries_methods)
+        conv_methods, timeseries_methods = _check_arguments(
+            mode=mode,
+            dtype=dtype,
+            interpolation=interpolation,
+            downsample=downsample,
+            compression=compression,
+            conv_methods=conv_methods,
+            timeseries_methods=timeseries_methods,
+            log_interval=log_interval,
+            max_samples=max_samples,
+            gram_block_rows=gram_block_rows,
+            chunk_bytes=chunk_bytes,
+            max_queue_bytes=max_queue_bytes,
+            resume=resume,
+            overwrite=overwrite,
+            resume_epoch=resume_epoch,
+            call_counters=call_counters,
+            on_error=on_error,
+            path=path,
         )
-        if not conv_methods or not timeseries_methods:
-            raise ValueError("conv_methods / timeseries_methods: name at least one method")
-        for m in conv_methods:
-            check_conv_method(m, "conv_methods")
-        for m in timeseries_methods:
-            check_timeseries_method(m, "timeseries_methods")
-        if downsample is not None and interpolation is None:
-            raise ValueError("downsample: set interpolation (e.g. 'bilinear') to resize maps")
-        check_interpolation(interpolation, downsample)
-        _check_positive_int(log_interval, "log_interval")
-        _check_positive_int(max_samples, "max_samples", allow_none=True)
-        _check_positive_int(gram_block_rows, "gram_block_rows")
-        _check_positive_int(chunk_bytes, "chunk_bytes")
-        _check_positive_int(max_queue_bytes, "max_queue_bytes")
-        if on_error not in ("raise", "warn"):
-            raise ValueError(f"on_error: must be 'raise' or 'warn', got {on_error!r}")
-        make_compressors(compression, 4)  # validates the name
-        if resume and overwrite:
-            raise ValueError("resume and overwrite: choose one")
-        if (resume_epoch is not None or call_counters is not None) and not resume:
-            raise ValueError("resume_epoch / call_counters: only with resume=True")
-        if resume_epoch is not None and (
-            isinstance(resume_epoch, bool)
-            or not isinstance(resume_epoch, (int, np.integer))
-            or resume_epoch < 0
-        ):
-            raise ValueError(f"resume_epoch: must be an integer >= 0, got {resume_epoch!r}")
-        if path is None and mode != "gram":
-            raise ValueError("path: a recorder without a store (path=None) needs mode='gram'")
-
         self.layers = discover_layers(
             modules, layer_filter=layer_filter, layers=layers, ignore=ignore, layer_types=layer_types
         )
@@ -331,6 +359,8 @@ class Recorder:
         self._device = None if device is None else torch.device(device)
         self._on_batch = on_batch
         self._on_block = on_block
+        # While the hook runs the training waits: its other core can take half of a long product.
+        self._helper = helper_thread() if torch.get_num_threads() > 1 else None
         self._store: RunStoreWriter | None = None
         self._writer: BackgroundWriter | None = None
         if path is not None:
@@ -349,6 +379,13 @@ class Recorder:
         self._raw = mode in ("raw", "both")
         self._gram = mode in ("gram", "both")
 
+        self._start_state(resume_epoch, call_counters)
+        self._handles = [
+            module.register_forward_hook(self._make_hook(name)) for name, module in self.layers.items()
+        ]
+
+    def _start_state(self, resume_epoch: int | None, call_counters: Mapping[str, int] | None) -> None:
+        """Where recording starts: the epoch, delve's call counters, the layers a resumed store has."""
         state = self._store.state if self._store is not None else {"epochs_complete": []}
         done = state["epochs_complete"]
         self.epoch = (max(done) + 1) if done else 0
@@ -373,9 +410,6 @@ class Recorder:
         self._disabled = False
         self._called: set[tuple[str, bool]] = set()  # (layer, training) called while recording, this epoch
         self._warned_uncalled: set[str] = set()
-        self._handles = [
-            module.register_forward_hook(self._make_hook(name)) for name, module in self.layers.items()
-        ]
 
     # -- public API ----------------------------------------------------------------------------
     @property
@@ -431,7 +465,6 @@ class Recorder:
             for key in list(self._acc):
                 self._flush_block(key, final=True)
             self._acc.clear()
-            self._scratch = None
         self._raw_pools.clear()
         calls = np.asarray(self._calls, dtype=np.int64).reshape(-1, len(CALL_COLUMNS))
         scalars = dict(self._scalars)
@@ -456,7 +489,6 @@ class Recorder:
         if self._closed:
             return
         self._closed = True
-        self._scratch = None
         self._raw_pools.clear()
         for h in self._handles:
             h.remove()
@@ -709,76 +741,46 @@ class Recorder:
         self._submit(task, nbytes, f"layer {name!r}: raw write")
 
     def _accumulate(self, name: str, rec: LayerRecord, phase: str, call: int, x: torch.Tensor) -> int:
-        opts = self.options
+        """Add the call's matrices to the blocks of its methods; returns its non-finite rows."""
         nonfinite = 0
+        # One BLAS thread: a threaded BLAS pool next to torch's own pool steals the training's
+        # cores (its threads spin after each product); see bench/README.md.
+        with one_blas_thread():
+            for method in self._gram_methods[name]:
+                nonfinite = max(nonfinite, self._add_call(name, rec.layout, method, phase, call, x))
         for method in self._gram_methods[name]:
-            feature_major = method == "channelwise"
-            owned = False  # whether ``mat`` is a float64 buffer of ours (centred in place)
-            if (
-                feature_major
-                and rec.layout == "conv"
-                and x.device.type == "cpu"
-                and self._on_batch is None
-                and (self._device is None or self._device.type == "cpu")
-            ):
-                # (C, N * spatial) float64 in one pass (transpose + cast) into a reused buffer:
-                # the same numbers as to_matrix(...).to(float64), without the float32 copy and
-                # the page faults of a fresh buffer per call.
-                mat, owned = self._channelwise_float64(x), True
-            else:
-                mat = to_matrix(x, rec.layout, method, feature_major=feature_major)
-                if self._on_batch is not None:
-                    self._on_batch(phase, name, method, mat.T if feature_major else mat)
-                if self._device is not None and mat.device != self._device:
-                    mat = mat.to(self._device)
-                if mat.device.type == "cpu":
-                    owned = mat.dtype != torch.float64
-                    mat = mat.numpy() if mat.dtype == torch.float64 else mat.to(torch.float64).numpy()
-            if isinstance(mat, np.ndarray):
-                # One BLAS thread: a threaded BLAS pool next to torch's own pool steals the
-                # training's cores (its threads spin after each product); see bench/README.md.
-                with _one_blas_thread():
-                    part = batch_moments(mat, feature_major=feature_major, overwrite=owned)
-            else:
-                part = batch_moments(mat, feature_major=feature_major)
-            mean = part[1]
-            finite = np.isfinite(mean).all() if isinstance(mean, np.ndarray) else torch.isfinite(mean).all()
-            if not bool(finite):
-                flat = x.reshape(x.shape[0], -1)
-                nonfinite = int((~torch.isfinite(flat)).any(dim=1).sum())
-            key = (phase, name, method)
-            acc = self._acc.get(key)
-            if acc is None:
-                acc = self._acc[key] = _Accumulator()
-            if acc.moments is None:
-                acc.first_call = call
-                acc.moments = part
-            else:
-                # In place once the accumulator owns its arrays (not those of ``acc.last``).
-                shared = acc.last is not None and acc.moments[2] is acc.last[0][2]
-                acc.moments = merge_moments(acc.moments, part, inplace=not shared)
-            acc.last_call = call
-            acc.sample_rows += int(x.shape[0])
-            acc.nonfinite_rows += nonfinite
-            acc.last = (part, call, int(x.shape[0]), nonfinite)
-        for method in self._gram_methods[name]:
-            acc = self._acc[(phase, name, method)]
-            if acc.sample_rows >= opts.gram_block_rows:
+            if self._acc[(phase, name, method)].sample_rows >= self.options.gram_block_rows:
                 self._flush_block((phase, name, method), final=False)
         return nonfinite
 
-    def _channelwise_float64(self, x: torch.Tensor) -> np.ndarray:
-        """The channelwise matrix of a CPU conv output, feature major, float64, in a reused buffer."""
-        n, c = int(x.shape[0]), int(x.shape[1])
-        spatial = int(np.prod(x.shape[2:], dtype=np.int64))
-        size = c * n * spatial
-        buf = getattr(self, "_scratch", None)
-        if buf is None or buf.numel() < size:
-            buf = self._scratch = None  # free the old one first
-            buf = self._scratch = torch.empty(size, dtype=torch.float64)
-        out = buf[:size].view(c, n, spatial)
-        out.copy_(x.reshape(n, c, spatial).transpose(0, 1))
-        return out.numpy().reshape(c, n * spatial)
+    def _add_call(self, name: str, layout: str, method: str, phase: str, call: int, x: torch.Tensor) -> int:
+        # The method's matrix in its preferred layout, a view of the output where it can be
+        # (channelwise: (C, N, positions)); the kernels cast it to float64 slab by slab.
+        mat, feature_major = matrix_source(x, layout, method)
+        if self._on_batch is not None:
+            self._on_batch(phase, name, method, to_matrix(x, layout, method))
+        if self._device is not None and mat.device != self._device:
+            mat = mat.to(self._device)
+        key = (phase, name, method)
+        acc = self._acc.get(key)
+        if acc is None:
+            acc = self._acc[key] = _Accumulator()
+        if acc.first_call < 0:
+            acc.first_call = call
+        acc.moments.update(mat, feature_major=feature_major, helper=self._helper)
+        finite = acc.moments.last_finite
+        if finite is None:  # the block already holds a NaN / Inf: look at this call's matrix itself
+            finite = bool(torch.isfinite(mat).all())
+        nonfinite = 0
+        if not finite:
+            flat = x.reshape(x.shape[0], -1)
+            nonfinite = int((~torch.isfinite(flat)).any(dim=1).sum())
+        rows = int(x.shape[0])
+        acc.last_call = call
+        acc.sample_rows += rows
+        acc.nonfinite_rows += nonfinite
+        acc.last = (call, rows, nonfinite)
+        return nonfinite
 
     def _flush_block(self, key: tuple[str, str, str], final: bool) -> None:
         phase, name, method = key
@@ -786,8 +788,8 @@ class Recorder:
         epoch = self.epoch
         p = PHASES.index(phase)
         blocks = []
-        if acc.moments is not None and acc.sample_rows > 0:
-            n, mean, m2 = acc.moments
+        if acc.sample_rows > 0:
+            n, mean, m2 = acc.moments.compute()
             info = (
                 epoch,
                 p,
@@ -799,12 +801,15 @@ class Recorder:
             )
             blocks.append((info, n, to_numpy(mean), to_numpy(m2)))
         if final and acc.last is not None:
-            (n, mean, m2), call, rows, nonfinite = acc.last
-            info = (epoch, p, BLOCK_KIND_LAST_CALL, call, call, rows, nonfinite)
-            blocks.append((info, n, to_numpy(mean), to_numpy(m2)))
+            call, rows, nonfinite = acc.last
+            last = acc.moments.last()
+            if last is not None:
+                n, mean, m2 = last
+                info = (epoch, p, BLOCK_KIND_LAST_CALL, call, call, rows, nonfinite)
+                blocks.append((info, n, to_numpy(mean), to_numpy(m2)))
         if self._on_block is not None:
-            for (_, _, kind, first, last, rows, bad), n, mean, m2 in blocks:
-                block = GramBlock(epoch, phase, name, method, kind, first, last, rows, bad, n, mean, m2)
+            for (_, _, kind, first, last_call, rows, bad), n, mean, m2 in blocks:
+                block = GramBlock(epoch, phase, name, method, kind, first, last_call, rows, bad, n, mean, m2)
                 self._on_block(block)
         store = self._store
         nbytes = sum(b[3].nbytes for b in blocks)
@@ -816,6 +821,6 @@ class Recorder:
                 store.commit_blocks()
 
         self._submit(task, nbytes, f"layer {name!r}: gram block ({method})")
-        last = acc.last
-        acc.moments, acc.sample_rows, acc.nonfinite_rows = None, 0, 0
-        acc.first_call, acc.last = -1, last
+        # the next block starts empty; the last call's moments stay until the epoch ends
+        acc.moments.reset(keep_last=True)
+        acc.sample_rows, acc.nonfinite_rows, acc.first_call = 0, 0, -1

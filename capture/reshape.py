@@ -19,11 +19,20 @@ Every recorded output is one of three layouts:
 The default semantics choose the layout from the module type (a ``Conv1d`` output
 is a conv map, not a sequence). The ``delve-0.1.50`` semantics choose it from the
 rank alone, as delve 0.1.50 does (4-D: conv, 3-D: sequence, 2-D: flat).
+
+Methods
+-------
+Each method is one :class:`MatrixMethod` entry of :data:`METHODS`: its matrix function, its width
+rule and its preferred layout for the moment products. :data:`CONV_METHODS` and
+:data:`TIMESERIES_METHODS` are the name views that the options, the command line and the error
+messages list.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,13 +42,17 @@ import torch.nn.functional as F
 __all__ = [
     "CONV_METHODS",
     "TIMESERIES_METHODS",
+    "METHODS",
+    "MatrixMethod",
     "INTERPOLATION_MODES",
     "LAYOUTS",
     "FLAT_METHOD",
     "layout_of",
     "methods_for_layout",
+    "method_entry",
     "interpolate_maps",
     "resizes",
+    "matrix_source",
     "to_matrix",
     "matrix_width",
     "check_conv_method",
@@ -52,63 +65,116 @@ LAYOUTS = ("conv", "sequence", "flat")
 FLAT_METHOD = "none"
 
 
-def _channelwise(x: torch.Tensor, feature_major: bool) -> torch.Tensor:
-    c = x.shape[1]
-    per_channel = x.transpose(0, 1).reshape(c, -1)  # (C, N * spatial)
-    return per_channel if feature_major else per_channel.T
+@dataclass(frozen=True)
+class MatrixMethod:
+    """One way to turn a recorded output into its sample matrix: an entry of :data:`METHODS`.
+
+    Attributes
+    ----------
+    name : str
+        The method's name (``conv_methods=...``, ``--conv-method``).
+    layout : {"conv", "sequence", "flat"}
+        The outputs it applies to.
+    rows : callable
+        ``rows(x)`` of a torch output ``(N, ...)`` (conv maps already resized): the matrix in the
+        preferred layout, a view where possible. Sample major: ``(n, d)``. Feature major:
+        ``(d, a, b)``, whose ``a * b`` rows are ``b`` consecutive rows ``a`` times (``channelwise``:
+        ``(C, N, H * W)``, a view of a contiguous ``(N, C, H, W)``).
+    width : callable
+        ``width(shape)``: the number of columns ``d`` for one sample of ``shape`` (the sample axis
+        left out; conv maps already resized).
+    feature_major : bool
+        Whether :attr:`rows` gives the feature-major layout (the products read it without a copy).
+    """
+
+    name: str
+    layout: str
+    rows: Callable[[torch.Tensor], torch.Tensor]
+    width: Callable[[tuple[int, ...]], int]
+    feature_major: bool = False
 
 
-def _mean(x: torch.Tensor, feature_major: bool) -> torch.Tensor:
-    out = x.flatten(2).mean(dim=2)
-    return out.T if feature_major else out
+def _tensor(x: np.ndarray) -> torch.Tensor:
+    """``x`` as a CPU tensor sharing its memory (read-only arrays too: nothing here writes to them)."""
+    if x.flags.writeable:
+        return torch.from_numpy(x)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+        return torch.from_numpy(x)
 
 
-def _max(x: torch.Tensor, feature_major: bool) -> torch.Tensor:
-    out = x.flatten(2).max(dim=2).values
-    return out.T if feature_major else out
+def _features(shape: tuple[int, ...]) -> int:
+    return int(np.prod(shape, dtype=np.int64))
 
 
-def _median(x: torch.Tensor, feature_major: bool) -> torch.Tensor:
-    # torch.median returns the lower of the two middle values for an even count,
-    # as delve 0.1.50 does.
-    out = x.flatten(2).median(dim=2).values
-    return out.T if feature_major else out
+def _channels(shape: tuple[int, ...]) -> int:
+    return int(shape[0])
 
 
-def _flatten(x: torch.Tensor, feature_major: bool) -> torch.Tensor:
-    out = x.reshape(x.shape[0], -1)
-    return out.T if feature_major else out
+def _last_axis(shape: tuple[int, ...]) -> int:
+    return int(shape[-1])
 
 
-def _last_timestep(x: torch.Tensor, feature_major: bool) -> torch.Tensor:
-    out = x[:, -1, :]
-    return out.T if feature_major else out
+def _maps(x: torch.Tensor) -> torch.Tensor:
+    """``(N, C, *spatial)`` as ``(N, C, positions)``."""
+    return x.reshape(x.shape[0], x.shape[1], -1)
 
 
-def _timestepwise(x: torch.Tensor, feature_major: bool) -> torch.Tensor:
-    out = x.reshape(x.shape[0], -1)
-    return out.T if feature_major else out
+def _channelwise(x: torch.Tensor) -> torch.Tensor:
+    return _maps(x).transpose(0, 1)  # (C, N, positions): each position of each map is a row
 
 
-def _identity(x: torch.Tensor, feature_major: bool) -> torch.Tensor:
-    out = x.reshape(x.shape[0], -1)
-    return out.T if feature_major else out
+def _mean(x: torch.Tensor) -> torch.Tensor:
+    maps = _maps(x)
+    if maps.device.type != "cpu":
+        return maps.to(torch.float64).mean(dim=2)
+    # float64 sums in numpy: independent of torch's thread count, the same bits in every stage
+    values = maps if maps.dtype in (torch.float64, torch.float32, torch.float16) else maps.float()
+    return torch.from_numpy(np.ascontiguousarray(values.numpy()).mean(axis=2, dtype=np.float64))
 
 
-#: conv method name -> function of an ``(N, C, *spatial)`` tensor.
-CONV_METHODS: dict[str, Callable[[torch.Tensor, bool], torch.Tensor]] = {
-    "channelwise": _channelwise,
-    "mean": _mean,
-    "max": _max,
-    "median": _median,
-    "flatten": _flatten,
+def _max(x: torch.Tensor) -> torch.Tensor:
+    return _maps(x).max(dim=2).values
+
+
+def _median(x: torch.Tensor) -> torch.Tensor:
+    # torch.median returns the lower of the two middle values for an even count, as delve 0.1.50 does.
+    return _maps(x).median(dim=2).values
+
+
+def _per_sample(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], -1)
+
+
+def _last_timestep(x: torch.Tensor) -> torch.Tensor:
+    return x[:, -1, :]
+
+
+#: layout -> method name -> entry. Adding a method is one entry here (and its tests).
+METHODS: dict[str, dict[str, MatrixMethod]] = {
+    "conv": {
+        m.name: m
+        for m in (
+            MatrixMethod("channelwise", "conv", _channelwise, _channels, feature_major=True),
+            MatrixMethod("mean", "conv", _mean, _channels),
+            MatrixMethod("max", "conv", _max, _channels),
+            MatrixMethod("median", "conv", _median, _channels),
+            MatrixMethod("flatten", "conv", _per_sample, _features),
+        )
+    },
+    "sequence": {
+        m.name: m
+        for m in (
+            MatrixMethod("last_timestep", "sequence", _last_timestep, _last_axis),
+            MatrixMethod("timestepwise", "sequence", _per_sample, _features),
+        )
+    },
+    "flat": {FLAT_METHOD: MatrixMethod(FLAT_METHOD, "flat", _per_sample, _features)},
 }
-
-#: time-series method name -> function of an ``(N, T, U)`` tensor.
-TIMESERIES_METHODS: dict[str, Callable[[torch.Tensor, bool], torch.Tensor]] = {
-    "last_timestep": _last_timestep,
-    "timestepwise": _timestepwise,
-}
+#: conv method name -> entry (a view of :data:`METHODS`; ``(N, C, *spatial)`` outputs).
+CONV_METHODS: dict[str, MatrixMethod] = METHODS["conv"]
+#: time-series method name -> entry (a view of :data:`METHODS`; ``(N, T, U)`` outputs).
+TIMESERIES_METHODS: dict[str, MatrixMethod] = METHODS["sequence"]
 
 #: ``torch.nn.functional.interpolate`` modes and the spatial ranks they accept.
 INTERPOLATION_MODES: dict[str, tuple[int, ...]] = {
@@ -120,10 +186,6 @@ INTERPOLATION_MODES: dict[str, tuple[int, ...]] = {
     "bicubic": (2,),
     "trilinear": (3,),
 }
-
-
-def _unknown(kind: str, value: object, valid: Any) -> ValueError:
-    return ValueError(f"unknown {kind} {value!r}; valid values are: {', '.join(sorted(valid))}")
 
 
 def check_conv_method(name: str, argument: str = "conv_method") -> str:
@@ -143,6 +205,23 @@ def check_timeseries_method(name: str, argument: str = "timeseries_method") -> s
             f"{', '.join(TIMESERIES_METHODS)}"
         )
     return name
+
+
+def method_entry(layout: str, method: str = FLAT_METHOD) -> MatrixMethod:
+    """The registry entry of ``method`` for ``layout`` (``flat`` has the one method ``none``).
+
+    Examples
+    --------
+    >>> method_entry("conv", "channelwise").feature_major, method_entry("flat").width((3, 4))
+    (True, 12)
+    """
+    if layout == "conv":
+        return CONV_METHODS[check_conv_method(method)]
+    if layout == "sequence":
+        return TIMESERIES_METHODS[check_timeseries_method(method)]
+    if layout == "flat":
+        return METHODS["flat"][FLAT_METHOD]
+    raise ValueError(f"unknown layout {layout!r}; valid values are: {', '.join(LAYOUTS)}")
 
 
 def check_interpolation(mode: str | None, size: int | None) -> None:
@@ -226,6 +305,35 @@ def interpolate_maps(x: torch.Tensor, mode: str | None, size: int | None) -> tor
     return F.interpolate(x, size=size, mode=mode)
 
 
+def matrix_source(
+    x: Any,
+    layout: str,
+    method: str = FLAT_METHOD,
+    *,
+    interpolation: str | None = None,
+    downsample: int | None = None,
+) -> tuple[Any, bool]:
+    """The sample matrix of one output in its method's preferred layout, for the moment kernels.
+
+    Returns ``(matrix, feature_major)``: ``(n, d)``, or ``(d, a, b)`` when ``feature_major`` (see
+    :class:`MatrixMethod`); a view of ``x`` where the method allows. A numpy input gives numpy.
+
+    Examples
+    --------
+    >>> x = np.zeros((2, 3, 4, 5), dtype=np.float32)
+    >>> m, fm = matrix_source(x, "conv", "channelwise")
+    >>> m.shape, fm, bool(np.shares_memory(m, x))
+    ((3, 2, 20), True, True)
+    """
+    entry = method_entry(layout, method)
+    as_numpy = isinstance(x, np.ndarray)
+    t = _tensor(x) if as_numpy else x
+    if layout == "conv":
+        t = interpolate_maps(t, interpolation, downsample)
+    out = entry.rows(t)
+    return (out.numpy() if as_numpy else out), entry.feature_major
+
+
 def to_matrix(
     x: Any,
     layout: str,
@@ -248,28 +356,21 @@ def to_matrix(
     interpolation, downsample : optional
         Resize conv maps first (``torch.nn.functional.interpolate`` mode and target size).
     feature_major : bool
-        Return ``(d, n)`` instead of ``(n, d)`` (cheaper for channelwise Gram products).
+        Return ``(d, n)`` instead of ``(n, d)``.
 
     Examples
     --------
-    >>> import numpy as np
     >>> x = np.arange(2 * 3 * 2 * 2, dtype=np.float32).reshape(2, 3, 2, 2)
     >>> to_matrix(x, "conv", "channelwise").shape, to_matrix(x, "conv", "mean").shape
     ((8, 3), (2, 3))
     """
     as_numpy = isinstance(x, np.ndarray)
-    t = torch.from_numpy(np.ascontiguousarray(x)) if as_numpy else x
-    if layout == "conv":
-        check_conv_method(method)
-        t = interpolate_maps(t, interpolation, downsample)
-        out = CONV_METHODS[method](t, feature_major)
-    elif layout == "sequence":
-        check_timeseries_method(method)
-        out = TIMESERIES_METHODS[method](t, feature_major)
-    elif layout == "flat":
-        out = _identity(t, feature_major)
-    else:
-        raise ValueError(f"unknown layout {layout!r}; valid values are: {', '.join(LAYOUTS)}")
+    t = _tensor(np.ascontiguousarray(x)) if as_numpy else x
+    out, preferred = matrix_source(t, layout, method, interpolation=interpolation, downsample=downsample)
+    if preferred:
+        out = out.reshape(out.shape[0], -1)
+    if preferred != feature_major:
+        out = out.T
     return out.numpy() if as_numpy else out
 
 
@@ -290,13 +391,7 @@ def matrix_width(
     >>> matrix_width((16, 32, 32), "conv", "flatten", interpolation="bilinear", downsample=8)
     1024
     """
-    if layout == "flat":
-        return int(np.prod(shape, dtype=np.int64))
-    if layout == "sequence":
-        return int(shape[-1]) if method == "last_timestep" else int(np.prod(shape, dtype=np.int64))
-    channels, spatial = int(shape[0]), tuple(int(s) for s in shape[1:])
-    if resizes(spatial, interpolation, downsample):
-        spatial = (downsample,) * len(spatial)
-    if method == "flatten":
-        return channels * int(np.prod(spatial, dtype=np.int64))
-    return channels
+    shape = tuple(int(s) for s in shape)
+    if layout == "conv" and resizes(shape[1:], interpolation, downsample):
+        shape = (shape[0], *([downsample] * (len(shape) - 1)))
+    return method_entry(layout, method).width(shape)

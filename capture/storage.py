@@ -17,13 +17,12 @@ Nothing here keeps a client between calls, so a process that forks (a dask worke
 
 Examples
 --------
->>> import zarr
->>> store = open_store("memory://doc/run.zarr")
->>> _ = zarr.create_group(store, attributes={"x": 1})
->>> StoreLocation("memory://doc/run.zarr").has("zarr.json")
-True
->>> StoreLocation("memory://doc/run.zarr").child("rank-00000").location
-'memory://doc/run.zarr/rank-00000'
+>>> import uuid, zarr
+>>> url = f"memory://doc-{uuid.uuid4().hex}/run.zarr"  # memory:// is one namespace per process
+>>> _ = zarr.create_group(open_store(url), attributes={"x": 1})
+>>> StoreLocation(url).has("zarr.json"), StoreLocation(url).child("rank-00000").location == f"{url}/rank-00000"
+(True, True)
+>>> StoreLocation(url).remove()
 """
 
 from __future__ import annotations

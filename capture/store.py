@@ -9,8 +9,11 @@ checksum fails is reported with its array and index (``capture/checksum.py``).
 
 from __future__ import annotations
 
+import json
+import mmap
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,8 @@ from typing import Any
 import numpy as np
 import zarr
 
-from capture.checksum import read_checked
+from capture.buffers import thread_buffer
+from capture.checksum import CHECKSUM_BYTES, ChunkChecksumError, has_checksum, read_checked, strip, verify
 from capture.format import (
     ATTRS_KEY,
     BLOCK_COLUMNS,
@@ -32,16 +36,254 @@ from capture.format import (
 )
 from capture.storage import StoreLocation, located
 
-__all__ = ["open_run", "RunInfo", "RankPart", "RawArray", "GramBlocks", "decode_stored"]
+__all__ = [
+    "open_run",
+    "RunInfo",
+    "RankPart",
+    "RawArray",
+    "RawChunks",
+    "ChunkFiles",
+    "GramBlocks",
+    "decode_stored",
+]
 
 _RANK_GROUP = re.compile(r"rank-\d{5}")  # capture.format.rank_group_name
 
 
-def decode_stored(values: np.ndarray, stored_dtype: str | None) -> np.ndarray:
-    """Stored values as numpy floats (``bfloat16`` is kept as the upper 16 bits of a float32)."""
+def decode_stored(values: np.ndarray, stored_dtype: str | None, out: np.ndarray | None = None) -> np.ndarray:
+    """Stored values as numpy floats (``bfloat16`` is kept as the upper 16 bits of a float32).
+
+    ``out``: a float32 array of ``values``' shape for the decoded ``bfloat16`` values.
+    """
     if stored_dtype == "bfloat16":
-        return (values.astype(np.uint32) << 16).view(np.float32)
+        if out is None:
+            return (values.astype(np.uint32) << 16).view(np.float32)
+        np.left_shift(values, 16, out=out.view(np.uint32), dtype=np.uint32)
+        return out
     return values
+
+
+@dataclass(frozen=True)
+class ChunkFiles:
+    """Where the chunk files of a local raw array are and how they are encoded.
+
+    Covers what :class:`capture.Recorder` writes: a zarr v3 array on a local disk, a regular grid
+    with one chunk across every axis but the first, the default chunk key encoding, little-endian
+    ``bytes``, at most a Blosc compressor, and (format 1.1) a crc32c checksum last (no sharding, no
+    other codec). A chunk whose checksum does not match raises
+    :class:`capture.checksum.ChunkChecksumError` naming the array and the chunk.
+    """
+
+    folder: str
+    prefix: str
+    suffix: str
+    dtype: np.dtype
+    row_shape: tuple[int, ...]
+    blosc: bool
+    fill: float
+    checksum: bool = False
+    array: str = ""
+    store: str = ""
+
+    @classmethod
+    def of(cls, store: str, array_path: str, chunk_rows: int) -> ChunkFiles | None:
+        """The layout of the array ``array_path`` of ``store``; None when zarr must read it."""
+        if "://" in store:
+            return None
+        folder = os.path.join(store, *array_path.split("/"))
+        try:
+            with open(os.path.join(folder, "zarr.json"), "rb") as f:
+                meta = json.load(f)
+            shape = [int(s) for s in meta["shape"]]
+            grid = meta["chunk_grid"]
+            chunks = [int(s) for s in grid["configuration"]["chunk_shape"]]
+            keys = meta["chunk_key_encoding"]
+            codecs = meta["codecs"]
+            dtype = np.dtype(meta["data_type"])
+            fill = meta.get("fill_value", 0)
+        except Exception:  # noqa: BLE001 - anything unexpected: let zarr read it
+            return None
+        if (
+            meta.get("zarr_format") != 3
+            or meta.get("storage_transformers")
+            or grid.get("name") != "regular"
+            or keys.get("name") != "default"
+            or len(shape) < 1
+            or len(chunks) != len(shape)
+            or chunks[0] != chunk_rows
+            or chunks[1:] != shape[1:]
+            or dtype.kind not in "fiub"
+            or not codecs
+            or codecs[0].get("name") != "bytes"
+            or (codecs[0].get("configuration") or {}).get("endian", "little") != "little"
+            or not isinstance(fill, (int, float))
+        ):
+            return None
+        checksum = has_checksum(codecs)
+        compressors = codecs[1 : len(codecs) - checksum]
+        if len(compressors) > 1 or any(c.get("name") != "blosc" for c in compressors):
+            return None
+        sep = (keys.get("configuration") or {}).get("separator", "/")
+        return cls(
+            folder=folder,
+            prefix="c" + sep,
+            suffix="".join(sep + "0" for _ in shape[1:]),
+            dtype=dtype.newbyteorder("<"),
+            row_shape=tuple(shape[1:]),
+            blosc=bool(compressors),
+            fill=fill,
+            checksum=checksum,
+            array=array_path,
+            store=store,
+        )
+
+    def path(self, chunk: int) -> str:
+        """The file of chunk ``chunk`` (it may not exist: a chunk never written)."""
+        return os.path.join(self.folder, f"{self.prefix}{chunk}{self.suffix}")
+
+    def map(self, chunk: int, shape: tuple[int, ...]) -> np.ndarray | None:
+        """Chunk ``chunk`` of an uncompressed array, mapped read-only from its file (no copy).
+
+        None for a chunk never written (:meth:`read` gives its fill value). zarr writes a chunk file
+        as a new file renamed over the old one, so a mapped file does not shrink under the reader.
+        """
+        path = self.path(chunk)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * self.dtype.itemsize
+        try:
+            f = open(path, "rb")  # noqa: SIM115
+        except FileNotFoundError:
+            return None
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            if not self.checksum and (size != nbytes or size == 0):
+                raise ValueError(f"chunk file {path} holds {size} bytes, not {nbytes}")
+            if size == 0:
+                raise ChunkChecksumError(
+                    f"{self.store}: array {self.array!r}, chunk {chunk}: its file {path} is empty",
+                    self.array,
+                    chunk,
+                )
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            mapped = mmap.mmap(f.fileno(), size, flags=flags, prot=mmap.PROT_READ)
+        values = self._payload(mapped, chunk, nbytes) if self.checksum else mapped
+        return np.frombuffer(values, dtype=self.dtype).reshape(shape)
+
+    def _payload(self, stored: Any, chunk: int, size: int | None = None) -> memoryview:
+        """A chunk's stored bytes without their checksum trailer, once the checksum matches."""
+        return strip(stored, array=self.array, chunk=chunk, size=size, where=self.store)
+
+    def read(self, chunk: int, out: np.ndarray) -> None:
+        """Decode chunk ``chunk`` into ``out`` (the whole chunk, C-contiguous), as zarr would.
+
+        A missing file reads as the fill value, as in zarr. A file of the wrong size, or a Blosc
+        frame that does not match the chunk, raises ValueError (zarr read a truncated lz4 chunk
+        without an error).
+        """
+        path = self.path(chunk)
+        try:
+            f = open(path, "rb")  # noqa: SIM115
+        except FileNotFoundError:  # never written: zarr reads the fill value
+            out[...] = self.fill
+            return
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            trailer = CHECKSUM_BYTES if self.checksum else 0
+            if not self.blosc:
+                if self.checksum and size != out.nbytes + trailer:
+                    self._payload(f.read(), chunk, out.nbytes)  # raises: the chunk is truncated or overlong
+                if size != out.nbytes + trailer or f.readinto(memoryview(out).cast("B")) != out.nbytes:
+                    raise ValueError(f"chunk file {path} holds {size} bytes, not {out.nbytes + trailer}")
+                if self.checksum:
+                    verify(out, f.read(trailer), array=self.array, chunk=chunk, where=self.store)
+                return
+            frame = thread_buffer("store.frame", (size,), np.uint8)
+            with memoryview(frame) as raw:
+                if f.readinto(raw) != size:
+                    raise ValueError(f"chunk file {path}: short read")
+                _decode_blosc(path, self._payload(raw, chunk) if self.checksum else raw, out)
+
+
+def _decode_blosc(path: str, raw: memoryview, out: np.ndarray) -> None:
+    from numcodecs import blosc
+
+    # The Blosc header (16 bytes): decoded size at bytes 4-8, frame size at 12-16 (little endian).
+    nbytes = int.from_bytes(raw[4:8], "little") if len(raw) >= 16 else -1
+    cbytes = int.from_bytes(raw[12:16], "little") if len(raw) >= 16 else -1
+    if nbytes != out.nbytes or cbytes != len(raw):
+        raise ValueError(
+            f"chunk file {path}: a Blosc frame of {cbytes} bytes decoding to {nbytes} in a file of {len(raw)} "
+            f"bytes, for a chunk of {out.nbytes}"
+        )
+    blosc.decompress(raw, out)
+
+
+@dataclass(frozen=True)
+class RawChunks:
+    """The read side of one raw array, chunk by chunk: what the reduction reads.
+
+    Small and picklable (paths and sizes only), so that a task of any scheduler can carry it.
+    Chunk files of a local array written by the Recorder (:class:`ChunkFiles`) are read with plain
+    file reads into a reused buffer; any other array is read through zarr. The values are the same.
+    """
+
+    store: str
+    array_path: str
+    rows: int
+    chunk_rows: int
+    stored_dtype: str = "float32"
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.rows // self.chunk_rows) if self.rows else 0
+
+    def files(self) -> ChunkFiles | None:
+        """The chunk files, when they can be read as plain files (None: zarr reads them)."""
+        return ChunkFiles.of(self.store, self.array_path, self.chunk_rows)
+
+    def chunks(self, lo: int = 0, hi: int | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
+        """``(chunk, first row, rows)`` of each chunk in ``[lo, hi)`` holding committed rows, decoded.
+
+        The rows of a chunk are read-only and valid until the next chunk is read (they live in this
+        thread's reused buffer, or in the chunk's mapped file), so that a pass over a large array
+        touches no fresh memory.
+
+        Examples
+        --------
+        >>> import tempfile, zarr
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     z = zarr.create_array(f"{tmp}/a.zarr", shape=(5, 2), chunks=(2, 2), dtype="float32")
+        ...     z[:] = np.arange(10).reshape(5, 2)
+        ...     got = [(c, r, x.tolist()) for c, r, x in RawChunks(f"{tmp}/a.zarr", "", 5, 2).chunks()]
+        >>> got[-1]
+        (2, 4, [[8.0, 9.0]])
+        """
+        r = self.chunk_rows
+        hi = self.n_chunks if hi is None else min(hi, self.n_chunks)
+        files = self.files()
+        if files is None:
+            start, stop = lo * r, min(hi * r, self.rows)
+            if stop <= start:
+                return
+            array = zarr.open_array(self.store, path=self.array_path, mode="r")
+            data = decode_stored(np.asarray(array[start:stop]), self.stored_dtype)
+            for chunk in range(lo, hi):
+                c0, c1 = chunk * r, min((chunk + 1) * r, self.rows)
+                yield chunk, c0, data[c0 - start : c1 - start]
+            return
+        shape = (r, *files.row_shape)
+        mapped = not files.blosc and self.stored_dtype != "bfloat16"
+        for chunk in range(lo, hi):
+            c0, c1 = chunk * r, min((chunk + 1) * r, self.rows)
+            rows = files.map(chunk, shape) if mapped else None
+            if rows is None:
+                rows = thread_buffer("store.chunk", shape, files.dtype)
+                files.read(chunk, rows)
+                rows.flags.writeable = False
+            decoded = None
+            if self.stored_dtype == "bfloat16":
+                decoded = thread_buffer("store.decoded", shape, np.float32)[: c1 - c0]
+            yield chunk, c0, decode_stored(rows[: c1 - c0], self.stored_dtype, out=decoded)
+            del rows
 
 
 @dataclass
@@ -67,6 +309,13 @@ class RawArray:
     @property
     def chunk_rows(self) -> int:
         return int(self.array.chunks[0])
+
+    def reader(self) -> RawChunks:
+        """Its chunk-by-chunk reader (:class:`RawChunks`)."""
+        store = self.array.store_path.store
+        root = getattr(store, "root", None)
+        where = os.fspath(root) if root is not None else str(store)
+        return RawChunks(where, self.array.path, self.rows, self.chunk_rows, self.stored_dtype)
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Rows ``[start, stop)`` as numpy (decoded)."""

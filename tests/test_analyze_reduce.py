@@ -234,9 +234,8 @@ class Ref:
 
 
 #: Relative accuracy of the analysed covariance: the values are the float32 activations
-#: themselves, except for ``mean``, which (as in delve) averages each map in float32.
-def delta_of(method: str | None) -> float:
-    return 1e-6 if method == "mean" else 1e-12
+#: themselves, or (``mean``) their float64 averages.
+DELTA = 1e-12
 
 
 def table_values(table: Any) -> dict[tuple, dict[Any, float]]:
@@ -318,7 +317,7 @@ def test_every_statistic_and_method_matches_numpy(mixed: Stores, source: str) ->
                             mat = np.concatenate([numpy_matrix(c.x, layout, method) for c in calls])
                             refs[epoch, phase, layer, method] = (Ref(population_cov(mat), THRESHOLDS), mat)
                         ref, mat = refs[epoch, phase, layer, method]
-                        delta = delta_of(method)
+                        delta = DELTA
                         problems += [f"{where} {p}" for p in ref.problems(got.get(where, {}), delta)]
                         key = (run, *where)
                         lam = result.spectra[key]
@@ -605,7 +604,7 @@ def test_low_precision_storage(tmp_path: Path, dtype: torch.dtype) -> None:
         tmp_path / "lp.zarr",
         conv_methods=methods,
         stats=("cov", "embed", *SCALARS),
-        interpolation="bilinear",  # resizes nothing here (2x2 maps); float16 must still average in float32
+        interpolation="bilinear",  # resizes nothing here (2x2 maps)
         downsample=3,
         progress=False,
     )
@@ -619,7 +618,7 @@ def test_low_precision_storage(tmp_path: Path, dtype: torch.dtype) -> None:
                 )
                 ref = Ref(population_cov(mat), (0.99,))
                 key = ("lp", 0, phase, layer, m, "last_timestep")
-                delta = 1e-12  # even for mean: float32 sums of four 16-bit values are exact
+                delta = 1e-12
                 np.testing.assert_allclose(
                     result.covariances[key], ref.cov, rtol=0, atol=delta * np.abs(ref.cov).max()
                 )
@@ -728,3 +727,43 @@ def test_missing_and_foreign_stores(tmp_path: Path, gram_only: str) -> None:
     # The gram-only store itself analyses fine for what it captured.
     ok = analyze_runs(gram_only, phases="train", log_interval=1, progress=False)  # 1 keeps every call
     assert set(ok.table["layer"]) == {"0", "2", ""} and ok.table["value"].notna().all()
+
+
+# --------------------------------------------------------------------------- the chunk reader
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("compression", ["none", "lz4"])
+def test_chunk_reader_reads_what_zarr_reads(tmp_path: Path, dtype: str, compression: str) -> None:
+    """``RawChunks`` (plain file reads, the reduction's reader) against zarr's own read."""
+    torch.manual_seed(7)
+    net = nn.Sequential(nn.Conv2d(2, 3, 3))
+    with Recorder(net, tmp_path / "r.zarr", dtype=dtype, compression=compression, chunk_bytes=300) as rec:
+        for b in (5, 4, 6):
+            net(torch.randn(b, 2, 5, 5))
+        rec.end_epoch()
+    raw = open_run(tmp_path / "r.zarr").ranks[0].raw("0")
+    reader = raw.reader()
+    assert reader.files() is not None and reader.n_chunks >= 3
+    chunks = list((c, r, x.copy()) for c, r, x in reader.chunks())
+    assert [c for c, _, _ in chunks] == list(range(reader.n_chunks))
+    assert [r for _, r, _ in chunks] == [c * reader.chunk_rows for c in range(reader.n_chunks)]
+    expected = raw[:]  # zarr, decoded
+    np.testing.assert_array_equal(np.concatenate([x for _, _, x in chunks]), expected)
+    assert expected.dtype == (np.float16 if dtype == "float16" else np.float32)
+    # a sub-range, and an array that is not plain chunk files (zarr reads it): the same values
+    c, first, x = next(iter(reader.chunks(2, 3)))
+    np.testing.assert_array_equal(x, expected[first : first + len(x)])
+    other = zarr.create_array(
+        tmp_path / "v2keys.zarr",
+        shape=raw.array.shape,
+        chunks=raw.array.chunks,
+        dtype=raw.array.dtype,
+        chunk_key_encoding={"name": "v2", "separator": "."},
+    )
+    other[:] = raw.array[:]
+    via_zarr = type(reader)(
+        str(tmp_path / "v2keys.zarr"), "", raw.rows, reader.chunk_rows, reader.stored_dtype
+    )
+    assert via_zarr.files() is None
+    np.testing.assert_array_equal(np.concatenate([x for _, _, x in via_zarr.chunks()]), expected)

@@ -141,13 +141,15 @@ DAMAGE: dict[str, tuple[str, str, Callable[[Path], None], str]] = {
         "conv",
         "raw",
         lambda s: _garbage(_chunk_files(s, "layers/conv/raw")[1]),
-        r"epoch\(s\) \[0, 1, 2\]: reading chunks .* failed: .*chunk file .*raw/c/1/0/0/0",
+        r"epoch\(s\) \[0, 1, 2\]: reading chunks .* failed: ChunkChecksumError: .*array "
+        r"'rank-00000/layers/conv/raw', chunk 1: .* the chunk is damaged",
     ),
     "truncated raw chunk": (
         "fc1",
         "raw",
         lambda s: _truncate(_chunk_files(s, "layers/fc1/raw")[0]),
-        r"epoch\(s\) \[0, 1, 2\]: reading chunks .* failed: .*chunk file .*raw/c/0/0",
+        r"epoch\(s\) \[0, 1, 2\]: reading chunks .* failed: ChunkChecksumError: .*array "
+        r"'rank-00000/layers/fc1/raw', chunk 0: .* the chunk is damaged",
     ),
     "truncated gram block": (
         "fc1",
@@ -181,20 +183,7 @@ def damaged(clean: str, tmp_path: Path) -> Callable[[str], Path]:
     return make
 
 
-#: Until the analysis's plain chunk reader strips the crc32c trailer of format 1.1 stores itself
-#: (``capture.checksum.strip``), it hands their raw arrays to zarr, whose checksum error names no chunk.
-_CHUNK_NAMED_BY_PLAIN_READER = pytest.mark.xfail(
-    strict=True, reason="the plain chunk reader does not read checksummed chunks yet; zarr's error names no chunk"
-)
-
-
-@pytest.mark.parametrize(
-    "kind",
-    [
-        pytest.param(k, marks=_CHUNK_NAMED_BY_PLAIN_READER) if k in ("garbage raw chunk", "truncated raw chunk") else k
-        for k in DAMAGE
-    ],
-)
+@pytest.mark.parametrize("kind", list(DAMAGE))
 def test_damaged_layer_raises_a_clear_error(kind: str, damaged: Callable[[str], Path]) -> None:
     layer, source, _, names = DAMAGE[kind]
     store = damaged(kind)

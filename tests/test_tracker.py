@@ -6,7 +6,7 @@
   ``add_saturations()``, a layer missing from an epoch, ``'lsat_eval'``, ``include_conv=False``,
   ``average_sat``, ``reset_covariance=False``, resuming with ``initial_epoch``.
 - ``store=``: the same run re-analysed from the Zarr store gives the tracker's numbers.
-- :mod:`pipelines.metrics` against ``delve.metrics`` / ``delve.torch_utils`` on random tensors.
+- :mod:`pipelines.dropin.metrics` against ``delve.metrics`` / ``delve.torch_utils`` on random tensors.
 """
 
 from __future__ import annotations

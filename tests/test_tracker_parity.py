@@ -34,6 +34,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 RTOL = 1e-9
 RTOL_DET = 1e-6
+#: delve averages each map in float32 for ``conv_method="mean"``; this package averages in float64
+#: (tests/test_kernel_paths.py checks it against a float64 reference to 1e-12). Delve's float32
+#: means carry a relative rounding of about 1e-7, which the covariance of the means keeps (and its
+#: determinant multiplies by about the width times the condition number).
+RTOL_FLOAT32_MEAN = 1e-6
+RTOL_FLOAT32_MEAN_DET = 1e-5
 
 
 # -- models --------------------------------------------------------------------------------------
@@ -189,7 +195,9 @@ def _close(a: Any, b: Any, rtol: float) -> bool:
     return bool(np.all((np.isnan(a) & np.isnan(b)) | (np.abs(a - b) <= rtol * scale)))
 
 
-def _rtol(name: str) -> float:
+def _rtol(name: str, case: str = "") -> float:
+    if "mean" in case.split("-"):
+        return RTOL_FLOAT32_MEAN_DET if "determinant" in name else RTOL_FLOAT32_MEAN
     return RTOL_DET if "determinant" in name else RTOL
 
 
@@ -208,7 +216,7 @@ def test_csv_and_npy_match_delve(tmp_path: Path, case: str) -> None:
     assert list(ours.index) == list(theirs.index)
     assert any(c.startswith("eval-") for c in ours.columns)
     for column in theirs.columns:
-        assert _close(ours[column], theirs[column], _rtol(column)), (
+        assert _close(ours[column], theirs[column], _rtol(column, case)), (
             column,
             ours[column].tolist(),
             theirs[column].tolist(),
@@ -223,9 +231,10 @@ def test_csv_and_npy_match_delve(tmp_path: Path, case: str) -> None:
         a, b = np.load(delve_npy / name), np.load(our_npy / name)
         assert a.dtype == b.dtype and a.shape == b.shape, name
         if "covariance-matrix" in name:
-            assert np.allclose(b, a, rtol=RTOL, atol=RTOL * np.abs(a).max()), name
+            rtol = _rtol(name, case)
+            assert np.allclose(b, a, rtol=rtol, atol=rtol * np.abs(a).max()), name
         else:
-            assert _close(b, a, _rtol(name)), name
+            assert _close(b, a, _rtol(name, case)), name
 
 
 # -- the exact writer calls, embeddings included -------------------------------------------------

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from analyze.stats import DEFAULT_SEMANTICS, Spectrum, check_semantics, compute_stat, spectrum_of
-from capture.moments import Moments, batch_moments
+from capture.moments import Moments
 
 __all__ = [
     "TorchCovarianceMatrix",
@@ -213,7 +213,7 @@ class TorchCovarianceMatrix:
                 x = x.unsqueeze(0).t()
         if x.dim() == 1:
             x = x[None, :]
-        self.moments.merge(Moments(*batch_moments(x)))
+        self.moments.update(x)
         if self.save_data:
             self.saved_samples = x if self.saved_samples is None else torch.cat([self.saved_samples, x])
 

@@ -75,7 +75,7 @@ import torch
 from torch import nn
 from torch.nn.functional import interpolate
 
-from capture.moments import batch_moments, merge_moments
+from capture.moments import Moments
 
 __all__ = [
     "Conv2DPCALayer",
@@ -190,7 +190,7 @@ class LinearPCALayer(nn.Module):
         self._threshold = _check_threshold(threshold)
         self._centering = bool(centering)
         self._fit_centered = self._centering  # which matrix `eigenvectors` decompose
-        self._count = 0  # samples tracked in the current epoch
+        self._moments = Moments()  # the current epoch's inputs (capture.moments kernels)
 
         d, f64 = self.in_features, torch.float64
         self.register_buffer("eigenvalues", torch.zeros(d, dtype=f64))
@@ -198,8 +198,6 @@ class LinearPCALayer(nn.Module):
         self.register_buffer("mean", torch.zeros(d, dtype=f64))
         # The first `in_dim` columns span the kept space: the top eigenvectors, or a random basis.
         self.register_buffer("_basis", torch.zeros(d, d, dtype=f64))
-        self.register_buffer("_acc_mean", torch.zeros(d, dtype=f64), persistent=False)
-        self.register_buffer("_acc_m2", torch.zeros(d, d, dtype=f64), persistent=False)
 
     # -- public state ------------------------------------------------------------------------
 
@@ -294,7 +292,7 @@ class LinearPCALayer(nn.Module):
 
     def train(self, mode: bool = True) -> LinearPCALayer:
         """Switch mode; leaving training mode ends the epoch (see the module docstring)."""
-        if self.training and not mode and self._count:
+        if self.training and not mode and self._moments.count:
             self._end_epoch()
         return super().train(mode)
 
@@ -303,7 +301,7 @@ class LinearPCALayer(nn.Module):
             self._track(x)
             if self.epoch < self.gradient_epoch_start:
                 return x
-        elif self._count:  # training mode was left without train(False)
+        elif self._moments.count:  # training mode was left without train(False)
             self._end_epoch()
         if self.in_dim is None:
             return x
@@ -320,23 +318,18 @@ class LinearPCALayer(nn.Module):
     @torch.no_grad()
     def _track(self, x: torch.Tensor) -> None:
         samples, feature_major = self._samples(x.detach())
-        batch = batch_moments(samples, feature_major=feature_major)
-        count, mean, m2 = merge_moments((self._count, self._acc_mean, self._acc_m2), batch)
-        self._count = count
-        self._acc_mean.copy_(mean)
-        self._acc_m2.copy_(m2)
+        self._moments.update(samples, feature_major=feature_major)
 
     @torch.no_grad()
     def _end_epoch(self) -> None:
-        covariance = self._acc_m2 / self._count
-        self.mean.copy_(self._acc_mean)
+        count, mean, m2 = self._moments.compute()
+        covariance = m2.to(self.mean.device) / count
+        self.mean.copy_(mean)
         if not self._centering:
             covariance = covariance + torch.outer(self.mean, self.mean)
         self._fit_centered = self._centering
         self._decompose(covariance)
-        self._count = 0
-        self._acc_mean.zero_()
-        self._acc_m2.zero_()
+        self._moments.reset()
         self.epoch += 1
 
     @torch.no_grad()
