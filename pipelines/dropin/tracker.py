@@ -273,8 +273,7 @@ class SaturationTracker:
         self._embed = any("embed" in s for s in self._phase_stats.values())
         # per phase, what the spectra must hold for the statistics asked (lsat alone: eigenvalues)
         self._needs = {
-            phase: spectrum_needs([*stats, "lsat"], self.semantics)
-            for phase, stats in self._phase_stats.items()
+            phase: spectrum_needs(stats, self.semantics) for phase, stats in self._phase_stats.items()
         }
         types = DELVE_LAYER_TYPES if layer_types is None else tuple(layer_types)
 
@@ -497,7 +496,10 @@ class SaturationTracker:
                 samples["embed"] = self._embedding(phase, layer, moments, spectrum)
                 continue
             values[name] = self._value(stat, spectrum, width)
-        lsat = self._value("lsat", spectrum, width) if spectrum is not None else math.nan
+        lsat = math.nan  # for the phase's mean saturation (average_sat)
+        if spectrum is not None and self.average_sat:
+            lsat = values.get(f"{phase}-{STATMAP['lsat']}_{layer}")
+            lsat = self._value("lsat", spectrum, width) if lsat is None else lsat
         return values, samples, lsat
 
     def _value(self, stat: str, spectrum: Any, width: int) -> Any:
