@@ -8,6 +8,7 @@ into a covariance and its eigen-decomposition, and stores the new entries in the
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,15 +29,16 @@ from analyze.reduce import (
 )
 from analyze.result import LayerFailure
 from analyze.selection import select_rows
-from analyze.stats import spectrum_of
+from analyze.stats import PART_FIELDS, SCALAR_STATS, spectrum_needs, spectrum_of
 from capture.format import PHASES
 from capture.moments import one_blas_thread
 from capture.store import RankPart, open_run
 
 __all__ = ["Entry", "Reduction", "compute_with_progress", "raw_source", "reduce_covariances"]
 
-#: A reduced covariance: its spectrum fields (``raw``, ``trace``, ``vectors``, ``cov``, ...) plus
-#: ``count``, ``nonfinite`` and ``mean``, as numpy arrays (what the cache stores).
+#: A reduced covariance: its spectrum fields (``raw``, ``trace`` and the parts the statistics asked
+#: for need: ``vectors``, ``det``, ``cov``, ...) plus ``count``, ``nonfinite`` and ``mean``, as numpy
+#: arrays (what the cache stores).
 Entry = dict[str, np.ndarray]
 
 
@@ -63,21 +65,22 @@ def reduce_covariances(plan: AnalysisPlan, cache: CovarianceCache, progress: boo
         A stored array that cannot be opened or read (with ``on_error="raise"``).
     """
     options = plan.options
-    need_cov = options.needs_covariance
+    need = _analysis_needs(options.stats, options.semantics, options.needs_covariance)
+    fields = tuple(field for part in sorted(need) for field in PART_FIELDS[part])
     out = Reduction()
     pending: dict[tuple[str, str], tuple[LayerPlan, Any]] = {}
     for layer_plan in plan.layers:
         hits: dict[CovarianceKey, Entry] = {}
         misses: list[CovarianceKey] = []
         for target in layer_plan.targets:
-            hit = cache.get(target.cache_key, need=("cov",) if need_cov else ())
+            hit = cache.get(target.cache_key, need=fields)
             if hit is None:
                 misses.append(target.key)
             else:
                 hits[target.key] = hit
         if misses:
             try:
-                graph = _layer_graph(layer_plan, misses, need_cov, options.task_bytes)
+                graph = _layer_graph(layer_plan, misses, need, options.task_bytes)
             except (KeyError, OSError, ValueError) as exc:  # a missing or damaged array
                 error = ChunkReadError(
                     f"{layer_plan.run.path}: layer {layer_plan.layer!r}: epoch(s) "
@@ -94,6 +97,26 @@ def reduce_covariances(plan: AnalysisPlan, cache: CovarianceCache, progress: boo
         out.entries.update(hits)
     _compute_pending(pending, cache, options.scheduler, options.on_error, progress, out)
     return out
+
+
+def _analysis_needs(stats: Iterable[str], semantics: str, covariance: bool) -> frozenset[str]:
+    """The spectrum parts an analysis computes for each covariance (``need`` of :func:`spectrum_of`).
+
+    What the statistics asked for need (``covariance``: keep the matrix, which the embeddings
+    read), and always what every scalar statistic needs (the determinant: one LU, about a
+    quarter of the eigenvalues' time), so that a cached covariance serves any later scalar
+    statistic without reading the activations again. The eigenvectors (``eigh``, about 2.3x
+    the time of the eigenvalues alone) are computed for the default ``embed`` only.
+
+    Examples
+    --------
+    >>> sorted(_analysis_needs(["lsat"], "default", False))
+    ['det']
+    >>> sorted(_analysis_needs(["lsat", "embed"], "default", True))
+    ['cov', 'det', 'vectors']
+    """
+    need = spectrum_needs(SCALAR_STATS) | spectrum_needs(stats, semantics)
+    return (need | {"cov"}) if covariance else need
 
 
 def _compute_pending(
@@ -173,7 +196,7 @@ def compute_with_progress(objs: list[Any], scheduler: str, progress: bool, desc:
 # --------------------------------------------------------------------------- the graph of one layer
 
 
-def _layer_graph(plan: LayerPlan, misses: list[CovarianceKey], need_cov: bool, task_bytes: int) -> Any:
+def _layer_graph(plan: LayerPlan, misses: list[CovarianceKey], need: frozenset[str], task_bytes: int) -> Any:
     """A delayed giving ``{CovarianceKey: entry}`` for the missing covariances of one (run, layer)."""
     from dask import delayed
 
@@ -206,7 +229,7 @@ def _layer_graph(plan: LayerPlan, misses: list[CovarianceKey], need_cov: bool, t
                     run.path, part.rank, layer, groups_wanted, methods, plan.selection.last_call
                 )
             )
-    return delayed(_finish_layer, pure=True)(per_rank, sorted(misses), need_cov)
+    return delayed(_finish_layer, pure=True)(per_rank, sorted(misses), need)
 
 
 def raw_source(
@@ -275,7 +298,7 @@ def _gram_partials(
 
 
 def _finish_layer(
-    per_rank: list[dict[Any, Partial]], wanted: list[CovarianceKey], need_cov: bool
+    per_rank: list[dict[Any, Partial]], wanted: list[CovarianceKey], need: frozenset[str]
 ) -> dict[CovarianceKey, Entry | None]:
     out = {}
     # One BLAS thread, as in the reduction tasks (layers finish in parallel): on a busy machine a
@@ -285,18 +308,18 @@ def _finish_layer(
             merged = None
             for d in per_rank:
                 merged = merge_partials(merged, d.get(((key.epoch, key.phase), key.method)))
-            out[key] = _finalize(merged, need_cov)
+            out[key] = _finalize(merged, need)
     return out
 
 
-def _finalize(partial: Partial | None, keep_cov: bool) -> Entry | None:
-    """Covariance and spectrum of a merged partial (runs inside the dask graph)."""
+def _finalize(partial: Partial | None, need: frozenset[str]) -> Entry | None:
+    """Covariance and spectrum (with the parts in ``need``) of a merged partial (runs inside the dask graph)."""
     if partial is None:
         return None
     n, mean, m2, nonfinite = partial
     with np.errstate(all="ignore"):
         cov = m2 / n
-    spec = spectrum_of(cov, keep_cov=keep_cov)
+    spec = spectrum_of(cov, need=need)
     entry = {k: np.asarray(v) for k, v in spec.to_dict().items()}
     entry.update(count=np.asarray(n), nonfinite=np.asarray(nonfinite), mean=np.asarray(mean))
     return entry

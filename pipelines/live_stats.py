@@ -15,7 +15,14 @@ from typing import Any, NamedTuple
 
 import torch
 
-from analyze.stats import SCALAR_STATS, check_stats, check_thresholds, compute_stats, spectrum_of
+from analyze.stats import (
+    SCALAR_STATS,
+    check_stats,
+    check_thresholds,
+    compute_stats,
+    spectrum_needs,
+    spectrum_of,
+)
 from capture.format import BLOCK_KIND_EPOCH, PHASES
 from capture.moments import Moments
 from capture.recorder import GramBlock
@@ -115,13 +122,14 @@ def live_values(
     """
     names = check_live_stats(stats, "stats")
     ts = check_thresholds(thresholds)
+    need = spectrum_needs(names)  # lsat, idim, trc, ...: the eigenvalues alone
     order = sorted(moments, key=lambda key: PHASES.index(key[0]))
     out = []
     for key in order:
         m = moments[key]
         if m.count == 0:
             continue
-        spectrum = spectrum_of(m.covariance(), n_vectors=0)
+        spectrum = spectrum_of(m.covariance(), need=need)
         for value in compute_stats(spectrum, names, ts):
             out.append(LiveValue(value.stat, value.threshold, *key, float(value.value)))
     return out

@@ -452,7 +452,7 @@ def test_compute_stat_errors_and_compute_stats_order() -> None:
         compute_stat("trc", s, 0.5)
     with pytest.raises(ValueError, match="delve_embed"):
         compute_stat("embed", s)
-    with pytest.raises(ValueError, match="keep_cov"):
+    with pytest.raises(ValueError, match="need="):
         compute_stat("cov", s)
     with pytest.raises(ValueError, match="invalid semantics"):
         compute_stat("idim", s, 0.5, semantics="delve")

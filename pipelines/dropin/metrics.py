@@ -33,7 +33,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from analyze.stats import DEFAULT_SEMANTICS, Spectrum, check_semantics, compute_stat, spectrum_of
+from analyze.stats import (
+    DEFAULT_SEMANTICS,
+    Spectrum,
+    check_semantics,
+    compute_stat,
+    spectrum_needs,
+    spectrum_of,
+)
 from capture.moments import Moments
 
 __all__ = [
@@ -46,10 +53,11 @@ __all__ = [
 ]
 
 
-def _spectrum(cov: Any) -> Spectrum:
+def _spectrum(cov: Any, stat: str) -> Spectrum:
+    """The spectrum of ``cov`` with what ``stat`` needs (the eigenvalues alone for all but ``det``)."""
     if isinstance(cov, torch.Tensor):
         cov = cov.detach().to("cpu", torch.float64).numpy()
-    return spectrum_of(np.asarray(cov, dtype=np.float64), n_vectors=0)
+    return spectrum_of(np.asarray(cov, dtype=np.float64), need=spectrum_needs([stat]))
 
 
 def compute_intrinsic_dimensionality(
@@ -81,7 +89,7 @@ def compute_intrinsic_dimensionality(
     >>> compute_intrinsic_dimensionality(cov, thresh=0.7, semantics="delve-0.1.50")
     1
     """
-    value = compute_stat("idim", _spectrum(cov), thresh, check_semantics(semantics))
+    value = compute_stat("idim", _spectrum(cov, "idim"), thresh, check_semantics(semantics))
     return int(value) if np.isfinite(value) else value
 
 
@@ -98,7 +106,7 @@ def compute_saturation(
     >>> compute_saturation(cov, thresh=0.7), compute_saturation(cov, 0.7, semantics="delve-0.1.50")
     (0.5, 0.25)
     """
-    return float(compute_stat("lsat", _spectrum(cov), thresh, check_semantics(semantics)))
+    return float(compute_stat("lsat", _spectrum(cov, "lsat"), thresh, check_semantics(semantics)))
 
 
 def compute_cov_determinant(cov: torch.Tensor, *, semantics: str = DEFAULT_SEMANTICS) -> float:
@@ -112,7 +120,7 @@ def compute_cov_determinant(cov: torch.Tensor, *, semantics: str = DEFAULT_SEMAN
     3.0
     """
     check_semantics(semantics)
-    return float(compute_stat("det", _spectrum(cov)))
+    return float(compute_stat("det", _spectrum(cov, "det")))
 
 
 def compute_cov_trace(cov: torch.Tensor, *, semantics: str = DEFAULT_SEMANTICS) -> float:
@@ -124,7 +132,7 @@ def compute_cov_trace(cov: torch.Tensor, *, semantics: str = DEFAULT_SEMANTICS) 
     4.0
     """
     check_semantics(semantics)
-    return float(compute_stat("trc", _spectrum(cov)))
+    return float(compute_stat("trc", _spectrum(cov, "trc")))
 
 
 def compute_diag_trace(cov: torch.Tensor, *, semantics: str = DEFAULT_SEMANTICS) -> float:
@@ -136,7 +144,7 @@ def compute_diag_trace(cov: torch.Tensor, *, semantics: str = DEFAULT_SEMANTICS)
     3.0
     """
     check_semantics(semantics)
-    return float(compute_stat("dtrc", _spectrum(cov)))
+    return float(compute_stat("dtrc", _spectrum(cov, "dtrc")))
 
 
 class TorchCovarianceMatrix:

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from threadpoolctl import ThreadpoolController
 from torch import nn
 
 from analyze.stats import (
@@ -47,6 +48,7 @@ from analyze.stats import (
     compute_stat,
     delve_embed,
     pca_embed,
+    spectrum_needs,
     spectrum_of,
 )
 from capture.format import BLOCK_KIND_EPOCH, BLOCK_KIND_LAST_CALL, PHASES
@@ -63,6 +65,15 @@ TRACKER_STATS: tuple[str, ...] = ("lsat", "idim", "cov", "det", "trc", "dtrc", "
 DELVE_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear, nn.LSTM)
 _CONV_TYPES = (nn.modules.conv._ConvNd,)
 _STORE_MODES = ("both", "gram")
+_blas: Any = None
+
+
+def _one_blas_thread() -> Any:
+    """numpy's BLAS on one thread (a controller found once: a new one costs 0.2 ms per call)."""
+    global _blas
+    if _blas is None:
+        _blas = ThreadpoolController().select(user_api="blas")
+    return _blas.limit(limits=1)
 
 
 def _parse_stats(stats: str | Iterable[str]) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
@@ -260,6 +271,10 @@ class SaturationTracker:
         self.device = device
         self.store = None if store is None else os.fspath(store)
         self._embed = any("embed" in s for s in self._phase_stats.values())
+        # per phase, what the spectra must hold for the statistics asked (lsat alone: eigenvalues)
+        self._needs = {
+            phase: spectrum_needs(stats, self.semantics) for phase, stats in self._phase_stats.items()
+        }
         types = DELVE_LAYER_TYPES if layer_types is None else tuple(layer_types)
 
         if self.nosave:
@@ -313,7 +328,9 @@ class SaturationTracker:
             resume=resume,
             overwrite=self.store is not None and not resume,
             device=device,
-            on_batch=self._on_batch,
+            # the samples are kept for 'embed' alone (a callback per call costs the hook its
+            # fastest conv path); the layers' order and widths come with their blocks
+            on_batch=self._on_batch if self._embed else None,
             on_block=self._on_block,
         )
         self.layers: dict[str, nn.Module] = dict(self._recorder.layers)
@@ -399,10 +416,18 @@ class SaturationTracker:
         self._recorder.end_epoch()  # flushes the epoch's moments through _on_block
         written: dict[str, Any] = {}
         averages: dict[str, float] = {}
+        # Spinning BLAS threads left behind by the eigensolver slowed the next training steps
+        # (a 1.7 ms forward and backward took 18-30 ms next to them; bench/tracker_overhead.py).
+        with _one_blas_thread():
+            values = {
+                (phase, layer): self._layer_values(phase, layer, width)
+                for phase in PHASES
+                for layer, width in self._order[phase].items()
+            }
         for phase in PHASES:
             saturations: list[float] = []
-            for layer, width in self._order[phase].items():
-                log_values, sample_values, lsat = self._layer_values(phase, layer, width)
+            for layer in self._order[phase]:
+                log_values, sample_values, lsat = values[(phase, layer)]
                 saturations.append(lsat)
                 if self.verbose:
                     for name, value in log_values.items():
@@ -429,10 +454,7 @@ class SaturationTracker:
 
     # -- internals ------------------------------------------------------------------------------
     def _on_batch(self, phase: str, layer: str, method: str, matrix: torch.Tensor) -> None:
-        if layer not in self._order[phase]:
-            self._order[phase][layer] = int(matrix.shape[1])
-        if self._embed:
-            self._samples[(phase, layer)] = matrix.detach().to(torch.float64, copy=True)
+        self._samples[(phase, layer)] = matrix.detach().to(torch.float64, copy=True)
 
     def _on_block(self, block: GramBlock) -> None:
         key = (block.phase, block.layer)
@@ -440,7 +462,10 @@ class SaturationTracker:
         if block.kind == BLOCK_KIND_EPOCH:
             self._epoch.setdefault(key, Moments()).merge(part)
         elif block.kind == BLOCK_KIND_LAST_CALL:
+            # Every layer recorded in the epoch sends one at end_epoch, in the order of its first
+            # recording in the epoch (blocks of the epoch's moments may come earlier, in any order).
             self._last[key] = part
+            self._order[block.phase].setdefault(block.layer, int(block.mean.shape[0]))
 
     def _moments(self, key: tuple[str, str]) -> Moments | None:
         """The moments this epoch's statistics come from, by semantics and ``reset_covariance``."""
@@ -462,9 +487,7 @@ class SaturationTracker:
         moments = self._moments((phase, layer))
         spectrum = None
         if moments is not None and moments.count > 0:
-            cov = moments.covariance()
-            keep_vectors = self._embed and self.semantics == DEFAULT_SEMANTICS
-            spectrum = spectrum_of(cov, n_vectors=2 if keep_vectors else 0, keep_cov=True)
+            spectrum = spectrum_of(moments.covariance(), need=self._needs[phase])
         values: dict[str, Any] = {}
         samples: dict[str, Any] = {}
         for stat in stats:
@@ -473,7 +496,10 @@ class SaturationTracker:
                 samples["embed"] = self._embedding(phase, layer, moments, spectrum)
                 continue
             values[name] = self._value(stat, spectrum, width)
-        lsat = self._value("lsat", spectrum, width) if spectrum is not None else math.nan
+        lsat = math.nan  # for the phase's mean saturation (average_sat)
+        if spectrum is not None and self.average_sat:
+            lsat = values.get(f"{phase}-{STATMAP['lsat']}_{layer}")
+            lsat = self._value("lsat", spectrum, width) if lsat is None else lsat
         return values, samples, lsat
 
     def _value(self, stat: str, spectrum: Any, width: int) -> Any:
