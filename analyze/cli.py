@@ -376,9 +376,9 @@ storage_option = click.option(
     multiple=True,
     metavar="KEY=VALUE",
     callback=_storage_options_callback,
-    help="Option of the filesystem of runs at URLs (s3://, gs://, ...), e.g. endpoint_url=http://host:9000 "
-    "or anon=true; repeat for several (a JSON value, or a string; a dotted KEY for nested options). "
-    "Without them the storage library's own settings apply (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...).",
+    help="Option of the filesystem of runs at URLs (s3://...), e.g. endpoint_url=http://host:9000 or "
+    "anon=true: a JSON value or a string, a dotted KEY for a nested option; repeat for several.  "
+    "[default: the storage library's settings: AWS_ENDPOINT_URL, ...]",
 )
 
 
