@@ -1,16 +1,15 @@
-"""The zarr store that the chunk reader gets whole chunk objects from: ObjectStore for ``s3://`` where it can.
+"""ObjectStore (obstore) for reading chunk objects at ``s3://`` URLs, where it reads as s3fs would.
 
 Reading a raw array at a URL is one GET per chunk object (:mod:`capture.chunk_objects`). zarr
-offers two stores for S3: ``FsspecStore`` (s3fs, what :func:`capture.storage.open_store` opens
-for every URL, and what the writer uses) and ``ObjectStore`` (obstore, Rust). Fetching the
-chunk objects of a run from the test S3 server, ``ObjectStore`` moved 2.5-3x the bytes per second
-of ``FsspecStore``, whose client spends about 70 ms of CPU per 8 MiB object in Python (aiohttp,
-a copy, botocore's response checksum) where obstore spends little, and without the GIL
-(``bench/object_store.py``, ``analysis_read``). So :func:`open_read_store` gives an
-``ObjectStore`` for an ``s3://`` URL when all of these hold, and ``open_store``'s ``FsspecStore``
-otherwise (same bytes, slower):
+offers two stores for S3: ``FsspecStore`` (s3fs: what the writer uses, and every other URL) and
+``ObjectStore`` (obstore, Rust). On the test S3 server, the chunk reader's loop moved 2.5-3x the
+bytes per second through ``ObjectStore`` that it moved through ``FsspecStore`` (whose client
+spends tens of ms of Python CPU per 16 MiB object: aiohttp, copies, botocore's checksum), and a
+whole analysis of a raw run ran 1.3-2x as fast (``bench/object_store.py``, ``analysis_read``).
+So :func:`capture.storage.open_store` opens a *read-only* ``s3://`` store with
+:func:`object_store` when all of these hold, and ``FsspecStore`` otherwise (same bytes, slower):
 
-- obstore is installed;
+- obstore is installed, and ``DELVE_CHUNK_READER`` (:data:`READER_VARIABLE`) is not ``fsspec``;
 - this process did not inherit a used obstore from its parent by a ``fork``: obstore's runtime
   does not survive a fork (a child that uses it hangs), so a process forked after this module
   made an ``ObjectStore`` reads with ``FsspecStore``; a store is never shared between processes
@@ -21,11 +20,12 @@ otherwise (same bytes, slower):
   ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` variables (a profile or an instance role is
   left to s3fs, whose credential chain reads them), and a region (``client_kwargs.region_name``,
   ``AWS_REGION``, ``AWS_DEFAULT_REGION``) or an endpoint (``endpoint_url``,
-  ``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``), and no ``AWS_CA_BUNDLE``.
+  ``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``); over https, no ``AWS_CA_BUNDLE`` (a custom
+  certificate authority is left to s3fs).
 
 Should an ``ObjectStore`` fail where s3fs might not (its first request raises anything but "not
-found"), :func:`fallback_store` gives ``FsspecStore`` and this process does not try obstore for
-that configuration again.
+found"), the reader calls :func:`forget` and opens the store again: ``FsspecStore``, as this
+process does not try obstore for that configuration again.
 """
 
 from __future__ import annotations
@@ -38,9 +38,11 @@ from typing import Any
 
 from zarr.abc.store import Store
 
-from capture.storage import is_url, open_store
+__all__ = ["READER_VARIABLE", "S3FS_TO_OBSTORE", "forget", "object_store", "obstore_config"]
 
-__all__ = ["S3FS_TO_OBSTORE", "fallback_store", "obstore_config", "open_read_store"]
+#: The environment variable that chooses the store of reads at ``s3://``: ``auto`` (default:
+#: ObjectStore where it serves) or ``fsspec`` (always FsspecStore).
+READER_VARIABLE = "DELVE_CHUNK_READER"
 
 #: s3fs option -> obstore ``S3Store`` setting; ``client_kwargs`` entries are mapped by
 #: :data:`_CLIENT_KWARGS`. Options that only tune s3fs itself are in :data:`_IGNORED`.
@@ -133,36 +135,43 @@ def obstore_config(
         return None  # a profile, an instance role, ...: s3fs's credential chain finds them
     endpoint = config.get("endpoint") or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
     region = config.get("region") or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
-    if env.get("AWS_CA_BUNDLE") or not (endpoint or region):
-        return None  # a custom CA, or a bucket whose region s3fs would look up
+    plain_http = str(endpoint or "").startswith("http://") or options.get("use_ssl") is False
+    if (env.get("AWS_CA_BUNDLE") and not plain_http) or not (endpoint or region):
+        return None  # a custom CA over https, or a bucket whose region s3fs would look up
     if endpoint:
         config["endpoint"] = str(endpoint)
     config["region"] = region or "us-east-1"
-    if str(endpoint or "").startswith("http://") or options.get("use_ssl") is False:
+    if plain_http:
         config["client_options"] = {"allow_http": True}
     return config
 
 
-def open_read_store(location: str, storage_options: Mapping[str, Any] | None = None) -> Store:
-    """A read-only zarr store of ``location`` for fetching chunk objects (see the module docstring).
+def _key(config: Mapping[str, Any]) -> str:
+    return json.dumps(config, sort_keys=True, default=str)
 
-    ``ObjectStore`` for an ``s3://`` URL where the rules allow it (one per configuration and
-    process, reused by the tasks of the process), else :func:`capture.storage.open_store`'s store.
+
+def object_store(location: str, storage_options: Mapping[str, Any] | None = None) -> Store | None:
+    """A read-only ``ObjectStore`` of ``location`` where the rules allow it (see the module), else None.
+
+    One per configuration and process, reused by the tasks of the process.
     """
-    config = obstore_config(location, storage_options) if is_url(location) else None
+    choice = os.environ.get(READER_VARIABLE, "auto").strip().lower() or "auto"
+    if choice not in ("auto", "fsspec"):
+        raise ValueError(f"{READER_VARIABLE}={choice!r}: expected 'auto' or 'fsspec'")
+    config = obstore_config(location, storage_options) if choice == "auto" else None
     if config is None or _state["inherited"]:
-        return open_store(location, storage_options or None, read_only=True)
-    key = json.dumps(config, sort_keys=True, default=str)
+        return None
+    key = _key(config)
     with _lock:
         if key in _failed:
-            return open_store(location, storage_options or None, read_only=True)
+            return None
         store = _stores.get(key)
         if store is None:
             try:
                 from obstore.store import S3Store
                 from zarr.storage import ObjectStore
             except ImportError:
-                return open_store(location, storage_options or None, read_only=True)
+                return None
             settings = dict(config)
             bucket, client = settings.pop("bucket"), settings.pop("client_options", None)
             _state["used"] = True
@@ -172,19 +181,16 @@ def open_read_store(location: str, storage_options: Mapping[str, Any] | None = N
         return store
 
 
-def fallback_store(
-    store: Store, location: str, storage_options: Mapping[str, Any] | None, error: BaseException
-) -> Store:
-    """After ``store``'s first request raised ``error``: s3fs's store, if ``store`` was an ObjectStore.
+def forget(location: str, storage_options: Mapping[str, Any] | None, error: BaseException) -> None:
+    """After an ``ObjectStore``'s first request raised ``error``: never use obstore for it again here.
 
-    Raises ``error`` again for any other store (or for "not found", which s3fs would say too).
+    Raises ``error`` again for "not found" (which s3fs would say too), and when no ObjectStore
+    serves ``location`` (nothing to forget: the error is s3fs's own).
     """
-    from zarr.storage import ObjectStore
-
-    if not isinstance(store, ObjectStore) or isinstance(error, FileNotFoundError):
-        raise error
     config = obstore_config(location, storage_options)
+    key = None if config is None else _key(config)
+    if isinstance(error, FileNotFoundError) or key is None or key not in _stores:
+        raise error
     with _lock:
-        _failed.add(json.dumps(config, sort_keys=True, default=str))
-        _stores.pop(json.dumps(config, sort_keys=True, default=str), None)
-    return open_store(location, storage_options or None, read_only=True)
+        _failed.add(key)
+        _stores.pop(key, None)

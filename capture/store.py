@@ -35,8 +35,8 @@ from capture.format import (
     check_format,
     format_minor,
 )
-from capture.read_store import fallback_store, open_read_store
-from capture.storage import StoreLocation, located
+from capture.read_store import forget
+from capture.storage import StoreLocation, located, open_store
 
 __all__ = [
     "open_run",
@@ -339,16 +339,17 @@ class RawChunks:
     def _object_chunks(self, lo: int, hi: int) -> Iterator[tuple[int, int, np.ndarray]]:
         """The chunks of an array at a URL: whole objects fetched ahead, decoded without zarr.
 
-        The store is opened here, in the process that reads (:func:`capture.read_store.open_read_store`).
+        The store is opened here, in the process that reads (:func:`capture.storage.open_store`).
         """
         if hi <= lo:
             return
         prefix = f"{self.array_path}/" if self.array_path else ""
-        store = open_read_store(self.store, self.storage_options)
+        store = open_store(self.store, self.storage_options or None, read_only=True)
         try:
             meta = fetch(store, f"{prefix}zarr.json")
-        except Exception as exc:  # noqa: BLE001 - the fallback store re-raises what it cannot serve
-            store = fallback_store(store, self.store, self.storage_options, exc)
+        except Exception as exc:  # noqa: BLE001 - an ObjectStore that fails: s3fs's store instead
+            forget(self.store, self.storage_options, exc)
+            store = open_store(self.store, self.storage_options or None, read_only=True)
             meta = fetch(store, f"{prefix}zarr.json")
         try:
             parsed = None if meta is None else json.loads(meta.tobytes())

@@ -22,7 +22,8 @@ from click.testing import CliRunner
 from analyze import analyze_runs, similarity
 from analyze.outputs import sorted_table, table_csv
 from analyze.reduce import ChunkReadError
-from capture.storage import REDACTED
+from capture.read_store import READER_VARIABLE
+from capture.storage import REDACTED, open_store
 from pipelines.cli import cli
 
 RAW = "rank-00000/layers/0/raw"  # the conv layer's raw array
@@ -50,11 +51,22 @@ def stats_csv(runs: Any, **kwargs: Any) -> bytes:
 # -- the command line --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("source", ["raw", "auto"])
+@pytest.mark.parametrize(("source", "reader"), [("raw", "auto"), ("raw", "fsspec"), ("auto", "auto")])
 def test_stats_of_s3_writes_the_csvs_of_the_local_run(
-    s3_run: tuple[str, dict], local_run: Path, tmp_path: Path, source: str
+    s3_run: tuple[str, dict],
+    local_run: Path,
+    tmp_path: Path,
+    source: str,
+    reader: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Raw chunks read through obstore's ObjectStore (the default here) or s3fs's FsspecStore."""
+    from zarr.storage import FsspecStore, ObjectStore
+
     url, options = s3_run
+    monkeypatch.setenv(READER_VARIABLE, reader)
+    store = open_store(url, options, read_only=True)
+    assert isinstance(store, ObjectStore if reader == "auto" else FsspecStore)
     common = ["--source", source, "--threshold", "0.9", "--threshold", "0.99", "--no-plots", "--no-progress"]
     local = delve("stats", local_run, "-o", tmp_path / "local", "--no-cache", *common)
     assert local.exit_code == 0, local.output
@@ -208,3 +220,27 @@ def test_a_damaged_object_is_named_and_skipped(
     assert set(got["layer"].dropna()) == {"3"} and set(expected["layer"].dropna()) == {"0", "3"}
     kept = expected[expected["layer"] != "0"].reset_index(drop=True).assign(run="damaged")
     pd.testing.assert_frame_equal(got, kept)
+
+
+# -- the store of reads at s3:// and forks --------------------------------------------------------
+
+
+def _forked_read(url: str, options: dict[str, Any]) -> tuple[str, bytes]:
+    """In a forked child: the type of the store reads get, and the CSV bytes of an analysis."""
+    store = open_store(url, options, read_only=True)
+    return type(store).__name__, stats_csv(url, source="raw", storage_options=options, scheduler="synchronous")
+
+
+def test_a_forked_child_does_not_use_its_parents_object_store(
+    s3_run: tuple[str, dict], local_run: Path
+) -> None:
+    """obstore does not survive a fork: a child of a process that used it reads through s3fs."""
+    import multiprocessing
+
+    url, options = s3_run
+    assert type(open_store(url, options, read_only=True)).__name__ == "ObjectStore"
+    stats_csv(url, source="raw", storage_options=options)  # this process used it
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        kind, got = pool.apply_async(_forked_read, (url, options)).get(timeout=120)
+    assert kind == "FsspecStore"
+    assert got == stats_csv(local_run, source="raw")
