@@ -168,6 +168,29 @@ def s3_run(s3_server: S3Server) -> tuple[str, dict[str, Any]]:
     return url, s3_server.storage_options()
 
 
+def at_once(fn: Any, n: int = 2) -> list[Any]:
+    """``fn()`` called in ``n`` threads at the same time; their results (an exception is raised)."""
+    import threading
+
+    results: list[Any] = [None] * n
+
+    def call(i: int) -> None:
+        try:
+            results[i] = fn()
+        except BaseException as exc:  # noqa: BLE001 - raised below
+            results[i] = exc
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got in results:
+        if isinstance(got, BaseException):
+            raise got
+    return results
+
+
 # -- a small deterministic recording -------------------------------------------------------------
 
 

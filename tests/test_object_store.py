@@ -12,14 +12,13 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from _s3 import EPOCHS, S3Prefix, S3Server, record
+from _s3 import EPOCHS, S3Prefix, S3Server, at_once, record
 from zarr.storage import MemoryStore, WrapperStore
 
 from capture import StoreFormatError, open_run
@@ -328,21 +327,7 @@ def test_kill_mid_epoch_then_resume_equals_the_local_run(s3: S3Prefix, local_run
 def test_two_readers_at_once(s3_run: tuple[str, dict], local_run: Path) -> None:
     url, options = s3_run
     expected = committed(open_run(local_run))
-    results: list[Any] = [None, None]
-
-    def read(i: int) -> None:
-        try:
-            results[i] = committed(open_run(url, storage_options=options))
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            results[i] = exc
-
-    threads = [threading.Thread(target=read, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for got in results:
-        assert not isinstance(got, BaseException), got
+    for got in at_once(lambda: committed(open_run(url, storage_options=options))):
         assert_same(got, expected)
 
 

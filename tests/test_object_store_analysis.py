@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import io
 import json
-import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from _s3 import S3Prefix, S3Server
+from _s3 import S3Prefix, S3Server, at_once
 from click.testing import CliRunner
 
 from analyze import analyze_runs, similarity
@@ -148,19 +147,7 @@ def test_similarity_of_s3_equals_the_local_run(s3_run: tuple[str, dict], local_r
 def test_two_analyses_at_once(s3_run: tuple[str, dict], local_run: Path) -> None:
     url, options = s3_run
     expected = stats_csv(local_run, source="raw")
-    results: list[Any] = [None, None]
-
-    def analyse(i: int) -> None:
-        try:
-            results[i] = stats_csv(url, source="raw", storage_options=options, scheduler="threads")
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            results[i] = exc
-
-    threads = [threading.Thread(target=analyse, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = at_once(lambda: stats_csv(url, source="raw", storage_options=options, scheduler="threads"))
     assert results == [expected, expected]
 
 
