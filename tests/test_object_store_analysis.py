@@ -231,3 +231,29 @@ def test_a_forked_child_does_not_use_its_parents_object_store(
         kind, got = pool.apply_async(_forked_read, (url, options)).get(timeout=120)
     assert kind == "FsspecStore"
     assert got == stats_csv(local_run, source="raw")
+
+
+def test_an_object_store_that_fails_gives_way_to_s3fs(
+    s3_run: tuple[str, dict], local_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """obstore configured to reach nothing (a closed port): the reader falls back to s3fs, same bytes."""
+    import datetime
+
+    from capture import read_store
+
+    url, options = s3_run
+    mapped = read_store.obstore_config
+
+    def unreachable(location: str, storage_options: Any, environ: Any = None) -> Any:
+        config = mapped(location, storage_options, environ)
+        if config is None:
+            return None
+        retry = {"max_retries": 0, "retry_timeout": datetime.timedelta(seconds=1)}  # fail at once
+        return {**config, "endpoint": "http://127.0.0.1:1", "retry_config": retry}
+
+    monkeypatch.setattr(read_store, "obstore_config", unreachable)
+    assert type(open_store(url, options, read_only=True)).__name__ == "ObjectStore"
+    assert stats_csv(url, source="raw", storage_options=options, scheduler="synchronous") == stats_csv(
+        local_run, source="raw"
+    )
+    assert type(open_store(url, options, read_only=True)).__name__ == "FsspecStore"  # not tried again
