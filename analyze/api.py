@@ -20,6 +20,7 @@ from analyze.options import AnalysisError, AnalysisOptions, parse_epochs, resolv
 from analyze.plan import MAX_WIDTH, plan_analysis
 from analyze.result import AnalysisResult
 from analyze.tabulate import tabulate
+from capture.storage import options_for
 from capture.store import open_run
 
 __all__ = ["AnalysisError", "analyze_runs", "run_stats", "inspect_run", "parse_epochs", "MAX_WIDTH"]
@@ -41,14 +42,16 @@ def analyze_runs(
     *positional: Any,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> AnalysisResult:
     """Reduce stored runs to covariances and compute statistics.
 
     Parameters
     ----------
-    runs : path or list of paths
-        Run stores written by :class:`capture.Recorder` (all ranks of each are merged).
+    runs : path or URL, or a list of them
+        Run stores written by :class:`capture.Recorder` (all ranks of each are merged): local
+        folders or URLs (``s3://bucket/runs/a.zarr``, ``gs://...``, any fsspec URL).
     options : AnalysisOptions or mapping, optional
         What to compute (default: :class:`AnalysisOptions`' defaults).
     *positional
@@ -62,6 +65,14 @@ def analyze_runs(
         :func:`analyze.output_folder.resolve_cache_dir`).
     progress : bool
         Show a progress bar.
+    storage_options : mapping, optional
+        Options of the fsspec filesystem of every run at a URL (for ``s3://``, s3fs's
+        ``endpoint_url``, ``key``, ``secret``, ``anon``, ``client_kwargs``, ...); without them the
+        storage library's own configuration applies (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
+        ...). They say where the data is, not what is computed: they are not analysis options,
+        enter no cache key, and ``result.inputs`` (``provenance.json``) records them with every
+        credential redacted (:func:`capture.storage.redact_options`). Each task of the analysis
+        opens the store itself, on whichever worker it runs.
     **kwargs
         Any :class:`AnalysisOptions` field (``thresholds``, ``stats``, ``compat``, ``source``,
         ``on_error``, ...), overriding ``options``.
@@ -86,7 +97,7 @@ def analyze_runs(
     """
     options, positional = _split(options, positional)
     resolved = resolve_options(options, *positional, **kwargs)
-    plan = plan_analysis(runs, resolved)
+    plan = plan_analysis(runs, resolved, storage_options)
     reduction = reduce_covariances(plan, CovarianceCache(cache_dir), progress)
     return tabulate(plan, reduction)
 
@@ -102,8 +113,12 @@ def run_stats(runs: Runs, options: OptionsLike = None, *positional: Any, **kwarg
     return analyze_runs(runs, options, *positional, **kwargs).table
 
 
-def inspect_run(path: str | os.PathLike[str]) -> dict[str, Any]:
+def inspect_run(
+    path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """What a run store holds: layers, shapes, epochs, phases, samples, modes and bytes.
+
+    ``path`` is a folder or a URL; ``storage_options`` apply to a URL (as for :func:`analyze_runs`).
 
     Examples
     --------
@@ -118,7 +133,7 @@ def inspect_run(path: str | os.PathLike[str]) -> dict[str, Any]:
     >>> info["epochs"], info["layers"][0]["name"], info["samples"][0]["samples"]
     ([0], '0', 5)
     """
-    run = open_run(path)
+    run = open_run(path, options_for(path, storage_options))
     layers = []
     for name in run.layers:
         rec = run.layer(name)

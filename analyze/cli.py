@@ -73,6 +73,8 @@ __all__ = [
     "report_command",
     "similarity_command",
     "stats_command",
+    "storage_option",
+    "parse_storage_options",
 ]
 
 _LIBRARY_ERRORS = (ValueError, KeyError, FileNotFoundError, NotADirectoryError, FileExistsError)
@@ -321,13 +323,78 @@ def progress_from(flag: bool | None) -> bool:
     return sys.stderr.isatty() if flag is None else flag
 
 
-def check_runs(runs: Sequence[str]) -> None:
-    """Open every store's metadata first: a missing or foreign store fails before any work."""
+def parse_storage_options(values: Sequence[str]) -> dict[str, Any] | None:
+    """The storage options of repeated ``--storage-option KEY=VALUE`` (None when none is given).
+
+    A ``VALUE`` that reads as JSON (``true``, ``8``, ``{"a": 1}``, ``"quoted"``) takes that value,
+    any other is the string itself; a dotted ``KEY`` sets an entry of a nested mapping
+    (``client_kwargs.region_name=eu-west-1``).
+
+    Examples
+    --------
+    >>> parse_storage_options(["endpoint_url=http://127.0.0.1:9000", "anon=true",
+    ...                        "client_kwargs.region_name=eu-west-1"])
+    {'endpoint_url': 'http://127.0.0.1:9000', 'anon': True, 'client_kwargs': {'region_name': 'eu-west-1'}}
+    >>> parse_storage_options(["anon"])
+    Traceback (most recent call last):
+    ...
+    ValueError: 'anon' is not KEY=VALUE
+    """
+    if not values:
+        return None
+    out: dict[str, Any] = {}
+    for item in values:
+        key, sep, text = item.partition("=")
+        names = key.strip().split(".")
+        if not sep or not all(n.strip() for n in names):
+            raise ValueError(f"{item!r} is not KEY=VALUE")
+        try:
+            value: Any = json.loads(text)
+        except ValueError:
+            value = text
+        node = out
+        for name in names[:-1]:
+            node = node.setdefault(name.strip(), {})
+            if not isinstance(node, dict):
+                raise ValueError(f"{item!r}: {name!r} is given a value and entries")
+        node[names[-1].strip()] = value
+    return out
+
+
+def _storage_options_callback(ctx: click.Context, param: click.Parameter, values: Sequence[str]) -> Any:
+    try:
+        return parse_storage_options(values)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
+#: ``--storage-option KEY=VALUE`` (repeatable): the options of the filesystem of runs at URLs,
+#: parsed by :func:`parse_storage_options` into the parameter ``storage_options`` (a dict or None).
+storage_option = click.option(
+    "--storage-option",
+    "storage_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    callback=_storage_options_callback,
+    help="Option of the filesystem of runs at URLs (s3://...), e.g. endpoint_url=http://host:9000 or "
+    "anon=true: a JSON value or a string, a dotted KEY for a nested option; repeat for several.  "
+    "[default: the storage library's settings: AWS_ENDPOINT_URL, ...]",
+)
+
+
+def check_runs(runs: Sequence[str], storage_options: dict[str, Any] | None = None) -> None:
+    """Open every store's metadata first: a missing or foreign store fails before any work.
+
+    ``storage_options`` apply to the runs at URLs (:func:`capture.storage.options_for`).
+    """
+    from capture.storage import is_url, options_for
     from capture.store import open_run
 
+    if storage_options and not any(is_url(r) for r in runs):
+        raise InputError("--storage-option applies to runs at URLs (s3://, gs://, ...); every run is a local path")
     for run in runs:
         try:
-            open_run(run)
+            open_run(run, options_for(run, storage_options))
         except (FileNotFoundError, NotADirectoryError, StoreFormatError) as exc:
             raise InputError(str(exc)) from None
 
@@ -357,13 +424,13 @@ def _warnings_on_stderr() -> Iterator[None]:
         click.echo(f"Warning: {one_line(warning.message)}", err=True)
 
 
-def check_target(out: Path, runs: Sequence[str]) -> None:
+def check_target(out: Path, runs: Sequence[str], storage_options: dict[str, Any] | None = None) -> None:
     """Before any work: ``OUT`` may receive an output folder, and every store opens."""
     try:
         check_output_dir(out)
     except FileExistsError as exc:
         raise InputError(str(exc)) from None
-    check_runs(runs)
+    check_runs(runs, storage_options)
 
 
 # --------------------------------------------------------------------------- stats
@@ -381,19 +448,26 @@ def out_option(help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
 
 
 def analyse_for_command(
-    runs: Sequence[str], out: Path, options: AnalysisOptions, cache: Path | None, progress: bool
+    runs: Sequence[str],
+    out: Path,
+    options: AnalysisOptions,
+    cache: Path | None,
+    progress: bool,
+    storage_options: dict[str, Any] | None = None,
 ) -> AnalysisResult:
     """What ``stats`` and ``report`` share: check ``OUT`` and the stores, then analyse them.
 
     Skipped layers are reported on stderr (``Warning: ...``); bad input raises :class:`InputError`,
     a damaged store a :class:`click.ClickException`, and so does an analysis without any statistic.
     """
-    check_target(out, runs)
+    check_target(out, runs, storage_options)
 
     from analyze import api
 
     with _library_errors():
-        result = api.analyze_runs(list(runs), options, cache_dir=cache, progress=progress)
+        result = api.analyze_runs(
+            list(runs), options, cache_dir=cache, progress=progress, storage_options=storage_options
+        )
 
     for failure in result.failures:
         where = f"epoch {failure.epoch}: " if failure.epoch is not None else ""
@@ -417,6 +491,7 @@ def analyse_for_command(
     help="Also write report.html: the analysis as one self-contained HTML page (see 'report').",
 )
 @cache_options
+@storage_option
 @progress_option
 @click.pass_context
 def stats_command(
@@ -427,6 +502,7 @@ def stats_command(
     report: bool,
     cache_dir: Path | None,
     no_cache: bool,
+    storage_options: dict[str, Any] | None,
     progress: bool | None,
     **analysis: Any,
 ) -> None:
@@ -439,7 +515,7 @@ def stats_command(
     """
     options = options_from(ctx, analysis)
     cache = cache_dir_from(ctx, out, cache_dir, no_cache)
-    result = analyse_for_command(runs, out, options, cache, progress_from(progress))
+    result = analyse_for_command(runs, out, options, cache, progress_from(progress), storage_options)
 
     from analyze.output_folder import OutputFolder
     from analyze.outputs import PROVENANCE_FORMAT, write_analysis
@@ -488,6 +564,7 @@ def stats_command(
     "runs; repeat for several.  [default: layers]",
 )
 @cache_options
+@storage_option
 @progress_option
 @click.pass_context
 def report_command(
@@ -498,6 +575,7 @@ def report_command(
     pairs: tuple[str, ...],
     cache_dir: Path | None,
     no_cache: bool,
+    storage_options: dict[str, Any] | None,
     progress: bool | None,
     **analysis: Any,
 ) -> None:
@@ -515,7 +593,7 @@ def report_command(
     cache = cache_dir_from(ctx, out, cache_dir, no_cache)
     if pairs and not measures:
         raise click.UsageError("--similarity-pairs needs --similarity", ctx)
-    result = analyse_for_command(runs, out, options, cache, progress_from(progress))
+    result = analyse_for_command(runs, out, options, cache, progress_from(progress), storage_options)
     frame = None
     if measures:
         with _library_errors(), _warnings_on_stderr():
@@ -526,6 +604,7 @@ def report_command(
                 options_from(ctx, analysis, SIMILARITY_DEFAULTS),
                 cache_dir=cache,
                 progress=progress_from(progress),
+                storage_options=storage_options,
             )
 
     from analyze.report import publish_report
@@ -585,6 +664,7 @@ _NOT_SIMILARITY = ("thresholds", "stats", "compat", "source")
 @analysis_options("compare", defaults=SIMILARITY_DEFAULTS, exclude=_NOT_SIMILARITY)
 @click.option("--no-plots", is_flag=True, help="Write similarity.csv and provenance.json only.")
 @cache_options
+@storage_option
 @progress_option
 @click.pass_context
 def similarity_command(
@@ -594,6 +674,7 @@ def similarity_command(
     no_plots: bool,
     cache_dir: Path | None,
     no_cache: bool,
+    storage_options: dict[str, Any] | None,
     progress: bool | None,
     **analysis: Any,
 ) -> None:
@@ -606,7 +687,7 @@ def similarity_command(
     """
     options = options_from(ctx, analysis, SIMILARITY_DEFAULTS)
     cache = cache_dir_from(ctx, out, cache_dir, no_cache)
-    check_target(out, runs)
+    check_target(out, runs, storage_options)
 
     from analyze.similarity_api import analyze_similarity
     from analyze.similarity_outputs import publish_similarity
@@ -614,7 +695,11 @@ def similarity_command(
     with _library_errors():
         with _warnings_on_stderr():
             result = analyze_similarity(
-                list(runs), options=options, cache_dir=cache, progress=progress_from(progress)
+                list(runs),
+                options=options,
+                cache_dir=cache,
+                progress=progress_from(progress),
+                storage_options=storage_options,
             )
         written = publish_similarity(result, out, plots=not no_plots)
     final = Path(written["provenance"][0]).parent
@@ -650,14 +735,15 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 @click.command("inspect")
 @click.argument("run", metavar="RUN")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of tables.")
-def inspect_command(run: str, as_json: bool) -> None:
+@storage_option
+def inspect_command(run: str, as_json: bool, storage_options: dict[str, Any] | None) -> None:
     """Describe a run store: layers, shapes, epochs, phases, samples, modes and size."""
-    check_runs([run])
+    check_runs([run], storage_options)
     from analyze.api import inspect_run
     from analyze.outputs import to_jsonable
 
     try:
-        info = inspect_run(run)
+        info = inspect_run(run, storage_options)
     except _LIBRARY_ERRORS as exc:
         raise InputError(one_line(exc)) from None
     if as_json:

@@ -226,7 +226,8 @@ def _layer_graph(plan: LayerPlan, misses: list[CovarianceKey], need: frozenset[s
         else:
             per_rank.append(
                 delayed(_gram_partials, pure=True)(
-                    run.path, part.rank, layer, groups_wanted, methods, plan.selection.last_call
+                    run.path, part.rank, layer, groups_wanted, methods, plan.selection.last_call,
+                    run.storage_options,
                 )
             )
     return delayed(_finish_layer, pure=True)(per_rank, sorted(misses), need)
@@ -244,7 +245,8 @@ def raw_source(
     """The raw array of ``layer`` in one rank group of a run store, and the bytes of one stored row.
 
     ``layout``, ``interpolation``, ``downsample`` and ``device`` say how its rows become matrices
-    (:func:`capture.reshape.to_matrix`); ``store`` is the run's path, named with the layer in errors.
+    (:func:`capture.reshape.to_matrix`); ``store`` is the run's path or URL, named with the layer in
+    errors. The source carries the part's storage options: the task that reads opens the store.
     """
     rec, raw = part.layers[layer], part.raw(layer)
     src = RawSource(
@@ -258,14 +260,21 @@ def raw_source(
         downsample=downsample,
         device=device,
         label=f"{store}: layer {layer!r}",
+        storage_options=dict(part.storage_options),
     )
     return src, int(np.prod(rec.sample_shape, dtype=np.int64)) * raw.dtype.itemsize
 
 
 def _gram_partials(
-    path: str, rank: int, layer: str, groups: list[tuple[int, str]], methods: tuple[str, ...], last_call: bool
+    path: str,
+    rank: int,
+    layer: str,
+    groups: list[tuple[int, str]],
+    methods: tuple[str, ...],
+    last_call: bool,
+    storage_options: dict[str, Any] | None = None,
 ) -> dict[Any, Partial]:
-    run = open_run(path)
+    run = open_run(path, storage_options or None)  # opened here, in the worker: no client crosses
     part = next(p for p in run.ranks if p.rank == rank)
     out: dict[Any, Partial] = {}
     kind = 1 if last_call else 0

@@ -11,21 +11,23 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from analyze.cache import CovarianceCache, run_fingerprint
 from analyze.options import AnalysisError, AnalysisOptions, parse_epochs
 from analyze.result import LayerFailure, SpectrumKey
 from analyze.selection import Selection
 from capture.reshape import layout_of, matrix_width, methods_for_layout
+from capture.storage import is_url, options_for, recorded_location, redact_options
 from capture.store import RunInfo, open_run
 
 __all__ = [
     "MAX_WIDTH",
     "AnalysisPlan",
+    "check_storage_options",
     "CovarianceKey",
     "CovarianceTarget",
     "LayerPlan",
@@ -71,6 +73,18 @@ class RunPlan:
     epochs: tuple[int, ...]
     fingerprint: str
     layers: tuple[str, ...]
+
+    def record(self) -> dict[str, Any]:
+        """The run's entry in a result's ``inputs`` (``provenance.json``): where, what, how opened.
+
+        ``path`` is the absolute path or the URL (:func:`capture.storage.recorded_location`),
+        ``content_hash`` the fingerprint; a run at a URL opened with storage options also lists
+        them, credentials redacted (:func:`capture.storage.redact_options`).
+        """
+        entry: dict[str, Any] = {"path": recorded_location(self.run.path), "content_hash": self.fingerprint}
+        if self.run.storage_options:
+            entry["storage_options"] = redact_options(self.run.storage_options)
+        return entry
 
 
 @dataclass(frozen=True, eq=False)
@@ -138,8 +152,32 @@ def _check_device(device: str) -> None:
             raise AnalysisError.invalid("device", f"{device!r} asked for but torch sees no CUDA device")
 
 
-def _open_runs(paths: list[str], options: AnalysisOptions) -> list[RunPlan]:
-    opened = [open_run(p) for p in paths]
+def check_storage_options(paths: Sequence[str], storage_options: Any) -> dict[str, Any] | None:
+    """``storage_options`` checked against the runs: a mapping of names, and some run is a URL.
+
+    Raises
+    ------
+    AnalysisError
+        Not a mapping with string keys, or given when every run is a local path.
+    """
+    if storage_options is None:
+        return None
+    if not isinstance(storage_options, Mapping) or not all(isinstance(k, str) for k in storage_options):
+        raise AnalysisError.invalid(
+            "storage_options", f"must be a mapping of option names to values, got {storage_options!r}"
+        )
+    if storage_options and not any(is_url(p) for p in paths):
+        raise AnalysisError.invalid(
+            "storage_options",
+            "storage options apply to stores at URLs (s3://, gs://, memory://, ...), and every run here "
+            "is a local path",
+        )
+    return dict(storage_options)
+
+
+def _open_runs(paths: list[str], options: AnalysisOptions, storage_options: Any = None) -> list[RunPlan]:
+    storage_options = check_storage_options(paths, storage_options)
+    opened = [open_run(p, options_for(p, storage_options)) for p in paths]
     patterns = options.layers or ()
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(n, pattern) for run in opened for n in run.layers):
@@ -161,9 +199,14 @@ def _open_runs(paths: list[str], options: AnalysisOptions) -> list[RunPlan]:
 
 
 def plan_analysis(
-    runs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], options: AnalysisOptions
+    runs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    options: AnalysisOptions,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> AnalysisPlan:
     """Plan the analysis of ``runs`` with ``options`` (reads the stores' metadata only).
+
+    ``runs`` are paths or URLs; ``storage_options`` apply to every URL among them (see
+    :func:`capture.storage.options_for`) and travel with the opened runs, not with ``options``.
 
     Raises
     ------
@@ -177,7 +220,7 @@ def plan_analysis(
     paths = [os.fspath(runs)] if isinstance(runs, str | os.PathLike) else [os.fspath(r) for r in runs]
     if not paths:
         raise AnalysisError.invalid("runs", "name at least one run store")
-    run_plans = _open_runs(paths, options)
+    run_plans = _open_runs(paths, options, storage_options)
     layers, failures = [], []
     for run_plan in run_plans:
         for layer in run_plan.layers:

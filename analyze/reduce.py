@@ -23,7 +23,7 @@ Blocks stored by the capture hook are merged in block order with
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -51,7 +51,11 @@ chunk_reads: dict[str, int] = {"tasks": 0, "rows": 0}
 
 @dataclass(frozen=True)
 class RawSource:
-    """Where a (rank, layer) raw array lives and how its rows become matrices."""
+    """Where a (rank, layer) raw array lives and how its rows become matrices.
+
+    Plain values only (the store's path or URL and its ``storage_options``, never an open store or
+    a client), so that a task carries it to any worker, which opens the store itself.
+    """
 
     store: str
     array_path: str
@@ -63,9 +67,12 @@ class RawSource:
     downsample: int | None = None
     device: str = "cpu"
     label: str = ""
+    storage_options: dict[str, Any] = field(default_factory=dict, hash=False, repr=False)
 
     def reader(self) -> RawChunks:
-        return RawChunks(self.store, self.array_path, self.rows, self.chunk_rows, self.stored_dtype)
+        return RawChunks(
+            self.store, self.array_path, self.rows, self.chunk_rows, self.stored_dtype, self.storage_options
+        )
 
 
 class ChunkReadError(RuntimeError):

@@ -471,7 +471,7 @@ def describe_runs(result: AnalysisResult) -> dict[str, dict[str, Any]]:
     out = {}
     for run, source in result.inputs.items():
         try:
-            out[str(run)] = inspect_run(source["path"])
+            out[str(run)] = inspect_run(source["path"], result.storage_options.get(str(run)))
         except (KeyError, OSError, StoreFormatError):
             continue
     return out

@@ -64,16 +64,26 @@ def compute_similarity(
     *,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
     """The similarity table of ``runs`` for every measure and kind of pairs, by :func:`analyze.similarity`.
 
     One call (one pass over the stores) per kind of pairs, every measure at once:
-    ``similarity(runs, measures, p, options, cache_dir=cache_dir, progress=progress)``; the tables
+    ``similarity(runs, measures, p, options, cache_dir=cache_dir, progress=progress,
+    storage_options=storage_options)``; the tables
     are concatenated in the order of ``pairs``. Without an :class:`~analyze.AnalysisOptions`, conv
     maps are pooled by ``mean`` (:data:`analyze.similarity_api.SIMILARITY_DEFAULTS`).
     """
     frames = [
-        similarity(list(runs), list(measures), p, options, cache_dir=cache_dir, progress=progress)
+        similarity(
+            list(runs),
+            list(measures),
+            p,
+            options,
+            cache_dir=cache_dir,
+            progress=progress,
+            storage_options=storage_options,
+        )
         for p in pairs
     ]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(SIMILARITY_COLUMNS))

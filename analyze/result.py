@@ -83,6 +83,10 @@ class AnalysisResult:
         run name -> scalar names in recording order.
     scalars : dict
         run name -> epoch -> scalar name -> value, as recorded (ints stay ints).
+    storage_options : dict
+        run name -> the storage options its store (at a URL) was opened with, credentials
+        included, so that the report can open it again; never written (``inputs`` holds them
+        redacted).
     """
 
     table: pd.DataFrame
@@ -96,3 +100,4 @@ class AnalysisResult:
     layer_order: dict[str, list[str]] = field(default_factory=dict)
     scalar_names: dict[str, list[str]] = field(default_factory=dict)
     scalars: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)
+    storage_options: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)

@@ -74,14 +74,15 @@ class SimilarityResult:
     options : dict
         Every option (:meth:`analyze.AnalysisOptions.to_dict`).
     inputs : dict
-        Run name -> ``{"path", "content_hash"}``.
+        Run name -> ``{"path", "content_hash"}`` (and ``storage_options``, redacted, for a URL
+        opened with some; see :meth:`analyze.plan.RunPlan.record`).
     skipped : list of str
         Layers left out with ``on_error="skip"``, and why.
     """
 
     table: pd.DataFrame
     options: dict[str, Any]
-    inputs: dict[str, dict[str, str]] = field(default_factory=dict)
+    inputs: dict[str, dict[str, Any]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
 
     @property
@@ -136,20 +137,18 @@ def analyze_similarity(
     *,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> SimilarityResult:
     """:func:`similarity`'s table with its options, inputs and skipped layers (same arguments)."""
     resolved = similarity_options(options, measure, pairs, **kwargs)
     paths = [os.fspath(runs)] if isinstance(runs, str | os.PathLike) else [os.fspath(r) for r in runs]
-    plan = plan_similarity(paths, resolved)
+    plan = plan_similarity(paths, resolved, storage_options)
     accumulators = accumulate(plan, CovarianceCache(cache_dir), progress)
     return SimilarityResult(
         table=_tabulate(plan, accumulators),
         options=resolved.to_dict(),
-        inputs={
-            rp.name: {"path": os.path.abspath(rp.run.path), "content_hash": rp.fingerprint}
-            for rp in plan.runs
-        },
+        inputs={rp.name: rp.record() for rp in plan.runs},
         skipped=list(plan.skipped),
     )
 
@@ -161,7 +160,7 @@ def similarity(
 
     Parameters
     ----------
-    runs : path or list of paths
+    runs : path or URL, or a list of them
         Run stores written by :class:`capture.Recorder` in ``raw`` or ``both`` mode (similarity
         reads the layers' outputs; gram moments hold no cross-layer moments).
     measure : str or list of str, default "cka"
@@ -186,9 +185,11 @@ def similarity(
         another measure computed from the same accumulator reads no activation.
     progress : bool, default True (keyword)
         Show a progress bar.
+    storage_options : mapping, optional (keyword)
+        Options of the filesystem of every run at a URL, as for :func:`analyze.analyze_runs`.
     **kwargs
-        Any :class:`~analyze.AnalysisOptions` field; and ``cache_dir`` (a path, default ``None``) and
-        ``progress`` (a bool, default ``True``), described above.
+        Any :class:`~analyze.AnalysisOptions` field; and ``cache_dir`` (a path, default ``None``),
+        ``progress`` (a bool, default ``True``) and ``storage_options``, described above.
 
     Returns
     -------

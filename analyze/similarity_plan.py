@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -473,8 +473,12 @@ def _check_options(options: AnalysisOptions) -> None:
         )
 
 
-def plan_similarity(runs: str | Sequence[str], options: AnalysisOptions) -> SimilarityPlan:
+def plan_similarity(
+    runs: str | Sequence[str], options: AnalysisOptions, storage_options: Mapping[str, Any] | None = None
+) -> SimilarityPlan:
     """Plan the comparisons of ``runs`` with ``options`` (reads the stores' metadata only).
+
+    ``storage_options`` apply to every run at a URL (see :func:`analyze.plan.plan_analysis`).
 
     Raises
     ------
@@ -495,7 +499,7 @@ def plan_similarity(runs: str | Sequence[str], options: AnalysisOptions) -> Simi
     _check_options(options)
     # plan_analysis opens the stores, resolves the epochs and layers and checks the device; its
     # covariance targets are not used (similarity reads raw rows of its own).
-    base = plan_analysis(runs, options.replace(source="raw", on_error="skip", stats=("trc",)))
+    base = plan_analysis(runs, options.replace(source="raw", on_error="skip", stats=("trc",)), storage_options)
     run_plans = base.runs
     layers, skipped = _usable_layers(run_plans, options)
     builder = _Builder(options, {rp.name: rp for rp in run_plans})

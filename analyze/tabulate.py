@@ -8,7 +8,6 @@ serves, the recorded scalars of each epoch, and (when asked) the covariances and
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from typing import Any
 
@@ -43,10 +42,9 @@ def tabulate(plan: AnalysisPlan, reduction: Reduction) -> AnalysisResult:
     result = AnalysisResult(table=pd.DataFrame(columns=list(TABLE_COLUMNS)), options=options.to_dict())
     for run_plan in plan.runs:
         run = run_plan.run
-        result.inputs[run_plan.name] = {
-            "path": os.path.abspath(run.path),
-            "content_hash": run_plan.fingerprint,
-        }
+        result.inputs[run_plan.name] = run_plan.record()
+        if run.storage_options:
+            result.storage_options[run_plan.name] = dict(run.storage_options)
         result.layer_order[run_plan.name] = list(run_plan.layers)
         result.scalar_names[run_plan.name] = list(
             dict.fromkeys(k for e in run_plan.epochs for k in run.scalars.get(e, {}))

@@ -17,8 +17,16 @@ size, reach on the same server in the same run (the *limit*, printed beside each
    ``object_size``: 64 MiB written as objects (chunks) of 1, 4, 16 and 64 MiB, against plain puts.
 3. ``checksum``: what the crc32c of every chunk costs: the checksum of a 16 MiB chunk, zarr's
    crc32c encoding (checksum and copy), and writing the chunk to a local disk and to the server.
-4. ``analysis_read``: not measured here yet (the analysis side reads stores at URLs in a later
-   change; its measurement belongs in :func:`run_analysis_read`).
+4. ``analysis_read``: a raw float16 run of a conv layer (``--read-chunks`` 16 MiB chunks) on the
+   server, read as the analysis reads it: the raw chunk reader alone
+   (:meth:`capture.store.RawChunks.chunks`: every chunk object fetched whole, a few ahead, its
+   checksum verified, decoded), the same loop through each of zarr's two S3 stores
+   (``FsspecStore`` and ``ObjectStore``, which :func:`capture.storage.open_store` gives for reads
+   where it can), and the whole analysis (``analyze.analyze_runs``, raw source, channelwise, no
+   cache) of the run on the server (with the default store, and with ``FsspecStore`` forced by
+   ``DELVE_CHUNK_READER=fsspec``) and of a local copy; against plain s3fs gets of the same chunk objects, one after the
+   other and all at once (the limit is the faster). Interleaved, ``--reps`` times; ratios per
+   repetition, then the median. Target: the chunk reader >= 0.7.
 
 Run from the repository root::
 
@@ -61,7 +69,7 @@ if str(ROOT) not in sys.path:
 
 from capture import Recorder  # noqa: E402
 from capture.checksum import crc32c  # noqa: E402
-from capture.storage import open_store  # noqa: E402
+from capture.storage import StoreLocation, open_store  # noqa: E402
 
 MIB = 2**20
 CHUNK = 16 * MIB
@@ -142,17 +150,20 @@ def plain_gets(fs: Any, prefix: str, objects: int) -> dict[str, float]:
 
 
 # -- 1. capture ------------------------------------------------------------------------------------
-def capture_write(url: str, options: dict[str, Any], steps: int, payload: torch.Tensor) -> float:
+def capture_write(
+    url: str, options: dict[str, Any], steps: int, payload: torch.Tensor, module: nn.Module | None = None
+) -> float:
     """Seconds for a raw float16 Recorder to take ``steps`` calls of a layer whose output is ``payload``.
 
     A forward hook ahead of the Recorder's replaces the (1 x 1) Linear's output with ``payload``
     (float32), so the Recorder's hook, its float16 cast and its writer run as in training, without
     the model's compute. The store is created before the clock starts (as the plain puts' client
     is); the clock stops when ``close()`` returns (the epoch's commit and every write included).
+    ``module`` (default a Linear) is the recorded layer, called on one zero input.
     """
-    net = nn.Linear(1, 1)
+    net = nn.Linear(1, 1) if module is None else module
     net.register_forward_hook(lambda module, args, output: payload)
-    x = torch.zeros(1, 1)
+    x = torch.zeros(1, 1) if module is None else torch.zeros(1, 1, 1, 1)
     rec = Recorder({"layer": net}, url, mode="raw", dtype="float16", storage_options=options)
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -384,15 +395,118 @@ def run_checksum(
     return out
 
 
-# -- 4. the analysis read (later) --------------------------------------------------------------------
-def run_analysis_read() -> dict[str, Any]:
-    """The analysis reading a run from ``s3://`` against plain s3fs gets: not part of this change.
+# -- 4. the analysis read ----------------------------------------------------------------------------
+def read_objects(store: Any, reader: Any) -> None:
+    """What :meth:`capture.store.RawChunks.chunks` does for an array at a URL, through ``store``.
 
-    Measure here: ``analyze.run_stats`` (raw source) of a run on the server, its bytes/s against
-    plain concurrent s3fs gets of the same chunk objects (target >= 0.7), beside the ``backends``
-    read numbers above.
+    Every chunk object of ``reader``'s array fetched whole, a few ahead, and decoded (checksum
+    verified and stripped) by :meth:`capture.store.ChunkFiles.decode`: to compare zarr's stores.
     """
-    return {"measured": False, "note": "the analysis reads stores at URLs in a later change"}
+    from capture.chunk_objects import fetch, fetch_ahead
+    from capture.store import ChunkFiles
+
+    prefix = f"{reader.array_path}/"
+    meta = json.loads(fetch(store, f"{prefix}zarr.json").tobytes())
+    where = {"folder": reader.array_path, "array": reader.array_path, "store": reader.store}
+    layout = ChunkFiles.from_metadata(meta, reader.chunk_rows, **where)
+    shape = (reader.chunk_rows, *layout.row_shape)
+    keys = [f"{prefix}{layout.key(chunk)}" for chunk in range(reader.n_chunks)]
+    for chunk, stored in enumerate(fetch_ahead(store, keys)):
+        layout.decode(stored, chunk, shape)
+
+
+def analyse(url: str, options: dict[str, Any] | None, reader: str = "auto") -> None:
+    """The whole analysis of the run at ``url`` (raw source, channelwise, trc, no cache, threads).
+
+    ``reader``: the value of ``DELVE_CHUNK_READER`` (``fsspec``: FsspecStore for every read).
+    """
+    from analyze import analyze_runs
+    from capture.read_store import READER_VARIABLE
+
+    os.environ[READER_VARIABLE] = reader
+    try:
+        analyze_runs(url, source="raw", storage_options=options, cache_dir=None, progress=False, stats=("trc",))
+    finally:
+        os.environ.pop(READER_VARIABLE, None)
+
+
+def run_analysis_read(
+    options: dict[str, Any], chunks: int, reps: int, folder: Path, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """The analysis read of a raw run on the server (see the module docstring), and its limits.
+
+    ``analysis_local`` analyses a copy of the run in ``folder`` (a local disk): the compute alone.
+    On these 2 cores the S3 server (Python) and the reduction compete for the CPU, so the whole
+    analysis is also compared with the time of the plain gets followed by the local analysis.
+    """
+    from capture.store import open_run
+
+    fs = plain_fs(options)
+    base = f"{BUCKET}/read-{uuid.uuid4().hex[:8]}"
+    url = f"s3://{base}/run.zarr"
+    # a conv layer's output of 16 MiB in float16 per step (512 x 64 x 16 x 16): one chunk per step
+    payload = torch.from_numpy(np.random.default_rng(4).standard_normal((512, 64, 16, 16), np.float32))
+    capture_write(url, options, chunks, payload, nn.Conv2d(1, 1, 1))
+    run = open_run(url, storage_options=options)
+    reader = run.ranks[0].raw("layer").reader()
+    keys = sorted(k for k in fs.find(f"{base}/run.zarr/{reader.array_path}/c"))
+    nbytes = sum(fs.size(k) for k in keys)
+    assert len(keys) == chunks == reader.n_chunks, (len(keys), chunks, reader.n_chunks)
+    local = folder / "run.zarr"
+    fs.get(f"{base}/run.zarr", str(local), recursive=True)
+    cases: dict[str, Callable[[], Any]] = {
+        "plain_serial": lambda: [fs.cat_file(k) for k in keys],
+        "plain_concurrent": lambda: fs.cat(keys),
+        "reader": lambda: [None for _ in reader.chunks()],
+        "objects_FsspecStore": partial(read_objects, StoreLocation(url, options).store(read_only=True), reader),
+        "objects_ObjectStore": partial(read_objects, object_store(url, options), reader),
+        "analysis": partial(analyse, url, options),
+        "analysis_FsspecStore": partial(analyse, url, options, "fsspec"),
+        "analysis_local": partial(analyse, str(local), None),
+    }
+    for fn in cases.values():  # clients, stores, imports: not timed
+        fn()
+    rows: list[dict[str, float]] = []
+    for rep in range(reps):
+        names = list(cases) if rep % 2 == 0 else list(reversed(cases))
+        out = {name: timed(cases[name]) for name in names}
+        limit = min(out["plain_serial"], out["plain_concurrent"])
+        for name in ("reader", "objects_FsspecStore", "objects_ObjectStore", "analysis", "analysis_FsspecStore"):
+            out[f"{name}_ratio"] = limit / out[name]
+        out["analysis_vs_gets_then_local_ratio"] = (limit + out["analysis_local"]) / out["analysis"]
+        rows.append(out)
+        log(
+            f"  rep {rep}: chunk reader {mbps(nbytes, out['reader'])} MB/s (its loop through FsspecStore "
+            f"{mbps(nbytes, out['objects_FsspecStore'])}, ObjectStore {mbps(nbytes, out['objects_ObjectStore'])}) "
+            f"| whole analysis {mbps(nbytes, out['analysis'])} (FsspecStore {mbps(nbytes, out['analysis_FsspecStore'])}"
+            f", of a local copy {mbps(nbytes, out['analysis_local'])}) | "
+            f"plain s3fs gets serial {mbps(nbytes, out['plain_serial'])}, concurrent "
+            f"{mbps(nbytes, out['plain_concurrent'])}"
+        )
+    fs.rm(base, recursive=True)
+    shutil.rmtree(local)
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    return {
+        "what": f"a raw float16 run of one conv layer, {chunks} chunk objects of {CHUNK // MIB} MiB (512 x 64 x "
+        "16 x 16): the raw chunk reader (RawChunks.chunks: fetch + checksum + decode), its loop through "
+        "each of zarr's S3 stores (objects_*), and analyze_runs (raw source, channelwise, trc, no cache, "
+        "threads) of the run on the server and of a local copy",
+        "bytes": nbytes,
+        "chunks": chunks,
+        "reps": rows,
+        "MBps": {k: mbps(nbytes, v) for k, v in med.items() if not k.endswith("_ratio")},
+        "limit_MBps": mbps(nbytes, statistics.median(min(r["plain_serial"], r["plain_concurrent"]) for r in rows)),
+        "ratio_median": {k[: -len("_ratio")]: round(v, 3) for k, v in med.items() if k.endswith("_ratio")},
+        "ratio_range": {
+            k[: -len("_ratio")]: [round(min(r[k] for r in rows), 3), round(max(r[k] for r in rows), 3)]
+            for k in rows[0]
+            if k.endswith("_ratio")
+        },
+        "target": TARGET_CAPTURE_VS_PLAIN,
+        "limit": "the faster of plain s3fs gets of the same chunk objects, serial or concurrent; for "
+        "analysis_vs_gets_then_local: those gets followed by the analysis of a local copy",
+        "perf_limits_md": PERF_LIMITS_NOTE,
+    }
 
 
 def _version(dist: str) -> str | None:
@@ -413,11 +527,38 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def verdict(result: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    """The ratios against plain s3fs and whether they meet the targets (logged with the limits)."""
+    cap, read = result.get("capture"), result["analysis_read"]
+    out: dict[str, Any] = {}
+    if cap is not None:
+        out["capture_vs_plain_s3fs"] = cap["ratio_median"]
+        out["capture_target_met"] = cap["ratio_median"] >= TARGET_CAPTURE_VS_PLAIN
+        log(
+            f"capture: {cap['capture_MBps']} MB/s against the plain s3fs limit {cap['limit_MBps']} MB/s "
+            f"(medians): ratio {cap['ratio_median']} (per repetition {cap['ratio_range'][0]}-"
+            f"{cap['ratio_range'][1]}; target >= {TARGET_CAPTURE_VS_PLAIN}); {PERF_LIMITS_NOTE}"
+        )
+    ratios = read["ratio_median"]
+    out["analysis_read_vs_plain_s3fs"] = ratios
+    out["analysis_read_target_met"] = ratios["reader"] >= TARGET_CAPTURE_VS_PLAIN
+    mb = read["MBps"]
+    log(
+        f"analysis read: chunk reader {mb['reader']} MB/s (through FsspecStore {mb['objects_FsspecStore']}, "
+        f"ObjectStore {mb['objects_ObjectStore']}), whole analysis {mb['analysis']} (FsspecStore "
+        f"{mb['analysis_FsspecStore']}, of a local copy {mb['analysis_local']}), against the plain s3fs limit {read['limit_MBps']} MB/s (medians): ratios "
+        f"{ratios} (target: the chunk reader >= {TARGET_CAPTURE_VS_PLAIN}); {PERF_LIMITS_NOTE}"
+    )
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=16, help="16 MiB capture steps per repetition")
     ap.add_argument("--reps", type=int, default=9, help="interleaved repetitions")
     ap.add_argument("--chunks", type=int, default=8, help="16 MiB chunks in the backend comparison")
+    ap.add_argument("--read-chunks", type=int, default=16, help="16 MiB chunks of the analysis read")
+    ap.add_argument("--only", choices=["analysis_read"], help="run this part alone (results merged into --out)")
     ap.add_argument(
         "--workdir", default=None, help="local folder for the checksum test (default: under bench/)"
     )
@@ -425,47 +566,46 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a few steps only, to check that it runs")
     args = ap.parse_args(argv)
     if args.quick:
-        args.steps, args.reps, args.chunks = 3, 1, 2
+        args.steps, args.reps, args.chunks, args.read_chunks = 3, 1, 2, 2
     base = Path(args.workdir) if args.workdir else ROOT / "bench"
     folder = Path(tempfile.mkdtemp(prefix="objstore-bench-", dir=base))
 
     def log(msg: str) -> None:
         print(msg, flush=True)
 
-    result: dict[str, Any] = {
-        "benchmark": "object_store",
+    stamp = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+    result: dict[str, Any] = {
+        "benchmark": "object_store",
+        **stamp,
         "machine": machine_info(),
         "server": "moto ThreadedMotoServer in a child process on 127.0.0.1",
     }
+    out = Path(args.out)
+    if args.only and out.exists():  # one part again: the other parts' results stay as they were
+        result = json.loads(out.read_text())
     t0 = time.perf_counter()
     try:
         with s3_server() as options:
-            log(f"capture: {args.steps} x 16 MiB float16, {args.reps} reps")
-            result["capture"] = run_capture(options, args.steps, args.reps, log)
-            log(f"backends: {args.chunks} x 16 MiB chunks, {args.reps} reps")
-            result["backends"] = run_backends(options, args.chunks, args.reps, log)
-            log(f"object size: 64 MiB as 1-64 MiB chunks, {max(1, args.reps - 2)} reps")
-            result["object_size"] = run_object_sizes(options, max(1, args.reps - 2), log)
-            log("checksum")
-            result["checksum"] = run_checksum(options, folder, max(3, args.reps), log)
-            result["analysis_read"] = run_analysis_read()
+            if not args.only:
+                log(f"capture: {args.steps} x 16 MiB float16, {args.reps} reps")
+                result["capture"] = run_capture(options, args.steps, args.reps, log)
+                log(f"backends: {args.chunks} x 16 MiB chunks, {args.reps} reps")
+                result["backends"] = run_backends(options, args.chunks, args.reps, log)
+                log(f"object size: 64 MiB as 1-64 MiB chunks, {max(1, args.reps - 2)} reps")
+                result["object_size"] = run_object_sizes(options, max(1, args.reps - 2), log)
+                log("checksum")
+                result["checksum"] = run_checksum(options, folder, max(3, args.reps), log)
+            log(f"analysis read: {args.read_chunks} x 16 MiB chunks, {args.reps} reps")
+            read = run_analysis_read(options, args.read_chunks, args.reps, folder, log)
+            result["analysis_read"] = {**read, **stamp, "loadavg": os.getloadavg()}
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     result["machine"]["loadavg_end"] = os.getloadavg()
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    cap = result["capture"]
-    result["verdict"] = {
-        "capture_vs_plain_s3fs": cap["ratio_median"],
-        "capture_target_met": cap["ratio_median"] >= TARGET_CAPTURE_VS_PLAIN,
-    }
-    log(
-        f"capture: {cap['capture_MBps']} MB/s against the plain s3fs limit {cap['limit_MBps']} MB/s (medians): "
-        f"ratio {cap['ratio_median']} (per repetition {cap['ratio_range'][0]}-{cap['ratio_range'][1]}; "
-        f"target >= {TARGET_CAPTURE_VS_PLAIN}); {PERF_LIMITS_NOTE}"
-    )
-    out = Path(args.out)
+    result["verdict"] = verdict(result, log)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     log(f"wrote {out}")

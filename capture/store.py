@@ -23,6 +23,7 @@ import zarr
 
 from capture.buffers import thread_buffer
 from capture.checksum import CHECKSUM_BYTES, ChunkChecksumError, has_checksum, read_checked, strip, verify
+from capture.chunk_objects import fetch, fetch_ahead
 from capture.format import (
     ATTRS_KEY,
     BLOCK_COLUMNS,
@@ -34,7 +35,8 @@ from capture.format import (
     check_format,
     format_minor,
 )
-from capture.storage import StoreLocation, located
+from capture.read_store import forget
+from capture.storage import StoreLocation, located, open_store
 
 __all__ = [
     "open_run",
@@ -94,6 +96,20 @@ class ChunkFiles:
         try:
             with open(os.path.join(folder, "zarr.json"), "rb") as f:
                 meta = json.load(f)
+        except Exception:  # noqa: BLE001 - anything unexpected: let zarr read it
+            return None
+        return cls.from_metadata(meta, chunk_rows, folder=folder, array=array_path, store=store)
+
+    @classmethod
+    def from_metadata(
+        cls, meta: Any, chunk_rows: int, *, folder: str, array: str, store: str
+    ) -> ChunkFiles | None:
+        """The layout an array's ``zarr.json`` (parsed) describes; None when zarr must read the array.
+
+        ``folder`` is where the chunks are (a local folder, or the array's key prefix in an object
+        store), ``array`` the array's path and ``store`` the store's path or URL (for messages).
+        """
+        try:
             shape = [int(s) for s in meta["shape"]]
             grid = meta["chunk_grid"]
             chunks = [int(s) for s in grid["configuration"]["chunk_shape"]]
@@ -133,13 +149,17 @@ class ChunkFiles:
             blosc=bool(compressors),
             fill=fill,
             checksum=checksum,
-            array=array_path,
+            array=array,
             store=store,
         )
 
+    def key(self, chunk: int) -> str:
+        """The name of chunk ``chunk`` in the array's folder (``c/3/0/0`` with the default encoding)."""
+        return f"{self.prefix}{chunk}{self.suffix}"
+
     def path(self, chunk: int) -> str:
         """The file of chunk ``chunk`` (it may not exist: a chunk never written)."""
-        return os.path.join(self.folder, f"{self.prefix}{chunk}{self.suffix}")
+        return os.path.join(self.folder, self.key(chunk))
 
     def map(self, chunk: int, shape: tuple[int, ...]) -> np.ndarray | None:
         """Chunk ``chunk`` of an uncompressed array, mapped read-only from its file (no copy).
@@ -200,10 +220,36 @@ class ChunkFiles:
             with memoryview(frame) as raw:
                 if f.readinto(raw) != size:
                     raise ValueError(f"chunk file {path}: short read")
-                _decode_blosc(path, self._payload(raw, chunk) if self.checksum else raw, out)
+                _decode_blosc(f"chunk file {path}", self._payload(raw, chunk) if self.checksum else raw, out)
+
+    def decode(self, stored: Any, chunk: int, shape: tuple[int, ...]) -> np.ndarray:
+        """Chunk ``chunk`` from its whole stored bytes (an object's content), decoded as zarr would.
+
+        ``None`` (no such object: a chunk never written) gives the fill value. Uncompressed values
+        are a read-only view of ``stored`` (no copy); a Blosc frame is decoded into this thread's
+        reused chunk buffer. A damaged or truncated chunk raises
+        :class:`capture.checksum.ChunkChecksumError` (with a checksum) or ValueError, naming it.
+        """
+        if stored is None:
+            rows = thread_buffer("store.chunk", shape, self.dtype)
+            rows[...] = self.fill
+            return rows
+        nbytes = int(np.prod(shape, dtype=np.int64)) * self.dtype.itemsize
+        name = f"{self.store}: chunk object {self.array}/{self.key(chunk)}"
+        payload = memoryview(stored).cast("B")
+        if self.checksum:
+            payload = self._payload(payload, chunk, None if self.blosc else nbytes)
+        if not self.blosc:
+            if len(payload) != nbytes:
+                raise ValueError(f"{name} holds {len(payload)} bytes, not {nbytes}")
+            return np.frombuffer(payload, dtype=self.dtype).reshape(shape)
+        rows = thread_buffer("store.chunk", shape, self.dtype)
+        _decode_blosc(name, payload, rows)
+        return rows
 
 
-def _decode_blosc(path: str, raw: memoryview, out: np.ndarray) -> None:
+def _decode_blosc(name: str, raw: memoryview, out: np.ndarray) -> None:
+    """Decode a chunk's Blosc frame into ``out``; ``name`` says which chunk (file or object) in errors."""
     from numcodecs import blosc
 
     # The Blosc header (16 bytes): decoded size at bytes 4-8, frame size at 12-16 (little endian).
@@ -211,7 +257,7 @@ def _decode_blosc(path: str, raw: memoryview, out: np.ndarray) -> None:
     cbytes = int.from_bytes(raw[12:16], "little") if len(raw) >= 16 else -1
     if nbytes != out.nbytes or cbytes != len(raw):
         raise ValueError(
-            f"chunk file {path}: a Blosc frame of {cbytes} bytes decoding to {nbytes} in a file of {len(raw)} "
+            f"{name}: a Blosc frame of {cbytes} bytes decoding to {nbytes} in a file of {len(raw)} "
             f"bytes, for a chunk of {out.nbytes}"
         )
     blosc.decompress(raw, out)
@@ -221,9 +267,12 @@ def _decode_blosc(path: str, raw: memoryview, out: np.ndarray) -> None:
 class RawChunks:
     """The read side of one raw array, chunk by chunk: what the reduction reads.
 
-    Small and picklable (paths and sizes only), so that a task of any scheduler can carry it.
-    Chunk files of a local array written by the Recorder (:class:`ChunkFiles`) are read with plain
-    file reads into a reused buffer; any other array is read through zarr. The values are the same.
+    Small and picklable (the store's path or URL, its storage options and sizes), so that a task
+    of any scheduler can carry it; the process that reads opens the store itself. Chunk files of a
+    local array written by the Recorder (:class:`ChunkFiles`) are read with plain file reads into a
+    reused buffer; chunk objects of such an array at a URL are fetched whole, a few ahead
+    (:func:`capture.chunk_objects.fetch_ahead`), and decoded by the same decoder
+    (:meth:`ChunkFiles.decode`); any other array is read through zarr. The values are the same.
     """
 
     store: str
@@ -231,6 +280,7 @@ class RawChunks:
     rows: int
     chunk_rows: int
     stored_dtype: str = "float32"
+    storage_options: dict[str, Any] = field(default_factory=dict, hash=False, repr=False)
 
     @property
     def n_chunks(self) -> int:
@@ -244,8 +294,8 @@ class RawChunks:
         """``(chunk, first row, rows)`` of each chunk in ``[lo, hi)`` holding committed rows, decoded.
 
         The rows of a chunk are read-only and valid until the next chunk is read (they live in this
-        thread's reused buffer, or in the chunk's mapped file), so that a pass over a large array
-        touches no fresh memory.
+        thread's reused buffer, in the chunk's mapped file, or in the fetched object), so that a
+        pass over a large local array touches no fresh memory.
 
         Examples
         --------
@@ -257,33 +307,83 @@ class RawChunks:
         >>> got[-1]
         (2, 4, [[8.0, 9.0]])
         """
-        r = self.chunk_rows
         hi = self.n_chunks if hi is None else min(hi, self.n_chunks)
+        location = StoreLocation(self.store, self.storage_options)
+        if location.is_url:
+            yield from self._object_chunks(lo, hi)
+            return
         files = self.files()
         if files is None:
-            start, stop = lo * r, min(hi * r, self.rows)
-            if stop <= start:
-                return
-            array = zarr.open_array(self.store, path=self.array_path, mode="r")
-            data = decode_stored(np.asarray(array[start:stop]), self.stored_dtype)
-            for chunk in range(lo, hi):
-                c0, c1 = chunk * r, min((chunk + 1) * r, self.rows)
-                yield chunk, c0, data[c0 - start : c1 - start]
+            yield from self._zarr_chunks(self.store, lo, hi)
             return
-        shape = (r, *files.row_shape)
+        shape = (self.chunk_rows, *files.row_shape)
         mapped = not files.blosc and self.stored_dtype != "bfloat16"
         for chunk in range(lo, hi):
-            c0, c1 = chunk * r, min((chunk + 1) * r, self.rows)
             rows = files.map(chunk, shape) if mapped else None
             if rows is None:
                 rows = thread_buffer("store.chunk", shape, files.dtype)
                 files.read(chunk, rows)
                 rows.flags.writeable = False
-            decoded = None
-            if self.stored_dtype == "bfloat16":
-                decoded = thread_buffer("store.decoded", shape, np.float32)[: c1 - c0]
-            yield chunk, c0, decode_stored(rows[: c1 - c0], self.stored_dtype, out=decoded)
+            yield self._committed(chunk, rows)
             del rows
+
+    def _committed(self, chunk: int, rows: np.ndarray) -> tuple[int, int, np.ndarray]:
+        """``(chunk, first row, its committed rows decoded)`` of a whole chunk's stored rows."""
+        c0 = chunk * self.chunk_rows
+        n = min(self.chunk_rows, self.rows - c0)
+        decoded = None
+        if self.stored_dtype == "bfloat16":
+            decoded = thread_buffer("store.decoded", rows.shape, np.float32)[:n]
+        return chunk, c0, decode_stored(rows[:n], self.stored_dtype, out=decoded)
+
+    def _object_chunks(self, lo: int, hi: int) -> Iterator[tuple[int, int, np.ndarray]]:
+        """The chunks of an array at a URL: whole objects fetched ahead, decoded without zarr.
+
+        The store is opened here, in the process that reads (:func:`capture.storage.open_store`).
+        """
+        if hi <= lo:
+            return
+        prefix = f"{self.array_path}/" if self.array_path else ""
+        store = open_store(self.store, self.storage_options or None, read_only=True)
+        try:
+            meta = fetch(store, f"{prefix}zarr.json")
+        except Exception as exc:  # noqa: BLE001 - an ObjectStore that fails: s3fs's store instead
+            forget(self.store, self.storage_options, exc)
+            store = open_store(self.store, self.storage_options or None, read_only=True)
+            meta = fetch(store, f"{prefix}zarr.json")
+        try:
+            parsed = None if meta is None else json.loads(meta.tobytes())
+        except ValueError:
+            parsed = None
+        layout = (
+            None
+            if parsed is None
+            else ChunkFiles.from_metadata(
+                parsed, self.chunk_rows, folder=self.array_path, array=self.array_path, store=self.store
+            )
+        )
+        if layout is None:
+            yield from self._zarr_chunks(store, lo, hi)
+            return
+        shape = (self.chunk_rows, *layout.row_shape)
+        keys = [f"{prefix}{layout.key(chunk)}" for chunk in range(lo, hi)]
+        for chunk, stored in zip(range(lo, hi), fetch_ahead(store, keys), strict=True):
+            rows = layout.decode(stored, chunk, shape)
+            rows.flags.writeable = False
+            yield self._committed(chunk, rows)
+            del rows, stored
+
+    def _zarr_chunks(self, store: Any, lo: int, hi: int) -> Iterator[tuple[int, int, np.ndarray]]:
+        """The chunks of any other array, read through zarr (one read of ``[lo, hi)``)."""
+        r = self.chunk_rows
+        start, stop = lo * r, min(hi * r, self.rows)
+        if stop <= start:
+            return
+        array = zarr.open_array(store, path=self.array_path, mode="r")
+        data = decode_stored(read_checked(array, slice(start, stop), self.store), self.stored_dtype)
+        for chunk in range(lo, hi):
+            c0, c1 = chunk * r, min((chunk + 1) * r, self.rows)
+            yield chunk, c0, data[c0 - start : c1 - start]
 
 
 @dataclass
@@ -293,6 +393,9 @@ class RawArray:
     array: zarr.Array
     rows: int
     stored_dtype: str
+    #: The run store's path or URL and its storage options (what :meth:`reader` needs to reopen it).
+    store: str = ""
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -312,10 +415,14 @@ class RawArray:
 
     def reader(self) -> RawChunks:
         """Its chunk-by-chunk reader (:class:`RawChunks`)."""
-        store = self.array.store_path.store
-        root = getattr(store, "root", None)
-        where = os.fspath(root) if root is not None else str(store)
-        return RawChunks(where, self.array.path, self.rows, self.chunk_rows, self.stored_dtype)
+        where = self.store
+        if not where:
+            store = self.array.store_path.store
+            root = getattr(store, "root", None)
+            where = os.fspath(root) if root is not None else str(store)
+        return RawChunks(
+            where, self.array.path, self.rows, self.chunk_rows, self.stored_dtype, dict(self.storage_options)
+        )
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Rows ``[start, stop)`` as numpy (decoded)."""
@@ -365,6 +472,9 @@ class RankPart:
     state: dict[str, Any]
     layers: dict[str, LayerRecord]
     calls: np.ndarray  # committed calls, (n, len(CALL_COLUMNS)) int64, layer column rank-local
+    #: The run store's path or URL and its storage options (as :class:`RunInfo` has them).
+    store: str = ""
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def epochs_complete(self) -> list[int]:
@@ -380,7 +490,9 @@ class RankPart:
         if not rec.raw_array:
             raise KeyError(layer)
         rows = int(self.state["committed"]["raw_rows"].get(layer, 0))
-        return RawArray(self.group[rec.raw_array], rows, rec.stored_dtype or "float32")
+        return RawArray(
+            self.group[rec.raw_array], rows, rec.stored_dtype or "float32", self.store, self.storage_options
+        )
 
     def gram(self, layer: str, method: str) -> GramBlocks:
         rec = self.layers[layer]
@@ -571,7 +683,9 @@ def open_run(path: str | os.PathLike[str], storage_options: dict[str, Any] | Non
             raise StoreFormatError(
                 f"{where}/{name}: its state or its calls array cannot be read ({type(exc).__name__}: {exc})"
             ) from exc
-        ranks.append(RankPart(int(state["rank"]), group, state, layers, calls))
+        ranks.append(
+            RankPart(int(state["rank"]), group, state, layers, calls, where, dict(location.storage_options))
+        )
     layer_names: list[str] = []
     for part in ranks:
         for rec in sorted(part.layers.values(), key=lambda r: r.index):

@@ -27,6 +27,7 @@ from analyze.cli import (
     options_from,
     progress_from,
     progress_option,
+    storage_option,
 )
 from capture.format import StoreFormatError
 from pipelines.demo import DEFAULT_EPOCHS
@@ -83,8 +84,9 @@ def demo_command(out: Path, seed: int, epochs: int, progress: bool | None) -> No
 
 @click.command("sweep")
 @click.argument("config", metavar="CONFIG.toml", type=click.Path(path_type=Path, dir_okay=False))
+@storage_option
 @progress_option
-def sweep_command(config: Path, progress: bool | None) -> None:
+def sweep_command(config: Path, storage_options: dict[str, Any] | None, progress: bool | None) -> None:
     """Analyse runs over several thresholds and methods, as CONFIG.toml describes.
 
     Writes one combined tidy table (sweep.csv), comparison plots (plots/sweep_*.png) and
@@ -92,13 +94,14 @@ def sweep_command(config: Path, progress: bool | None) -> None:
     (in OUTPUT.cache unless cache_dir says otherwise), so a re-run with other thresholds or
     statistics reads no activation. Keys: runs (required), output, plots, cache_dir and every
     analysis option (thresholds, conv_methods, timeseries_methods, stats, phases, epochs,
-    layers, compat, device, scheduler, ...; see pipelines.sweep).
+    layers, compat, device, scheduler, ...; see pipelines.sweep). Runs may be URLs;
+    --storage-option entries are added to the configuration's storage_options.
     """
     from pipelines.sweep import SWEEP_NAME, load_config, sweep
 
     try:
         cfg = load_config(config)
-        table = sweep(cfg, progress=progress_from(progress))
+        table = sweep(cfg, progress=progress_from(progress), storage_options=storage_options)
     except _INPUT_ERRORS as exc:
         raise InputError(one_line(exc)) from None
     out = Path(cfg.output)
@@ -119,6 +122,7 @@ def sweep_command(config: Path, progress: bool | None) -> None:
 @analysis_options("compare")
 @click.option("--no-plots", is_flag=True, help="Write compare.csv and provenance.json only.")
 @cache_options
+@storage_option
 @progress_option
 @click.pass_context
 def compare_command(
@@ -129,6 +133,7 @@ def compare_command(
     no_plots: bool,
     cache_dir: Path | None,
     no_cache: bool,
+    storage_options: dict[str, Any] | None,
     progress: bool | None,
     **analysis: Any,
 ) -> None:
@@ -142,7 +147,7 @@ def compare_command(
 
     options = options_from(ctx, analysis)
     cache = cache_dir_from(ctx, out, cache_dir, no_cache)
-    check_runs([run_a, run_b])
+    check_runs([run_a, run_b], storage_options)
     try:
         frame = compare_runs(
             run_a,
@@ -152,6 +157,7 @@ def compare_command(
             cache_dir=cache or False,
             plots=not no_plots,
             progress=progress_from(progress),
+            storage_options=storage_options,
         )
     except _INPUT_ERRORS as exc:
         raise InputError(one_line(exc)) from None

@@ -179,16 +179,17 @@ def compare_runs(
     cache_dir: str | os.PathLike[str] | bool | None = True,
     plots: bool = True,
     progress: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> pd.DataFrame:
     """The same statistics of two runs side by side; writes ``compare.csv``, plots and provenance.
 
     Parameters
     ----------
-    run_a, run_b : path
+    run_a, run_b : path or URL
         Run stores (``run_b - run_a`` is the difference).
     out : path
-        Output folder: absent, empty or an earlier output folder (it holds a ``provenance.json``).
+        Local output folder: absent, empty or an earlier output folder (it holds a ``provenance.json``).
     options : AnalysisOptions or mapping, optional
         What to compute, for both runs (default: :class:`analyze.AnalysisOptions`' defaults).
     cache_dir : path, True, False or None
@@ -198,6 +199,8 @@ def compare_runs(
         Draw ``plots/compare_{stat}.png``.
     progress : bool
         Show the reduction's progress bar.
+    storage_options : mapping, optional
+        Options of the filesystem of a run at a URL (as for :func:`analyze.analyze_runs`).
     **kwargs
         Any :class:`analyze.AnalysisOptions` field (``thresholds``, ``stats``, ``layers``, ...),
         overriding ``options``.
@@ -223,7 +226,12 @@ def compare_runs(
     check_output_dir(out)  # refuse a foreign folder before any work
     cache = resolve_cache_dir(out, cache_dir)
     result = analyze_runs(
-        [os.fspath(run_a), os.fspath(run_b)], options, cache_dir=cache, progress=progress, **kwargs
+        [os.fspath(run_a), os.fspath(run_b)],
+        options,
+        cache_dir=cache,
+        progress=progress,
+        storage_options=storage_options,
+        **kwargs,
     )
     name_a, name_b = list(result.inputs)
     table = sorted_table(result)

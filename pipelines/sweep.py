@@ -11,7 +11,7 @@ Configuration (TOML)
 A configuration is ``runs``, ``output``, ``cache_dir`` and ``plots`` plus any field of
 :class:`analyze.AnalysisOptions`, validated by it (same names, same defaults except ``stats``)::
 
-    runs = ["runs/cnn.zarr", "runs/mlp.zarr"]   # required: run stores
+    runs = ["runs/cnn.zarr", "runs/mlp.zarr"]   # required: run stores (folders or URLs)
     output = "sweep-out"                         # output folder
     thresholds = [0.9, 0.95, 0.99]               # variance thresholds in (0, 1]
     conv_methods = ["channelwise", "mean"]       # conv reductions
@@ -28,6 +28,8 @@ A configuration is ``runs``, ``output``, ``cache_dir`` and ``plots`` plus any fi
     cache_dir = "sweep-cache"  # reduced covariances; default "<output>.cache"; false: no cache
     on_error = "raise"         # "skip": analyse the other layers and record the failures
     plots = true
+    [storage_options]          # for runs at URLs (s3://...): options of their filesystem
+    endpoint_url = "http://127.0.0.1:9000"
 
 ======================  ===========================  =======================================
 key                     type                         default
@@ -53,11 +55,14 @@ key                     type                         default
 ``on_error``            string                       ``"raise"``
 ``task_bytes``          integer                      16 MiB
 ``cache_dir``           string or ``false``          ``"<output>.cache"``
+``storage_options``     table                        none
 ``plots``               boolean                      ``true``
 ======================  ===========================  =======================================
 
 Relative paths (``runs``, ``output``, ``cache_dir``) are relative to the TOML file's folder
-(to the current folder for a dict). An unknown key or a bad value raises
+(to the current folder for a dict); a run may be a URL (``s3://bucket/runs/cnn.zarr``), read
+with ``storage_options`` (as :func:`analyze.analyze_runs` takes them; ``provenance.json``
+records them with credentials redacted). The output folder and the cache are local. An unknown key or a bad value raises
 :class:`SweepConfigError` naming the key, with the reason :class:`analyze.AnalysisOptions`
 gives (the command line and the Python API give the same reasons). Reading TOML needs
 Python 3.11's ``tomllib``, or the ``tomli`` package on Python 3.10.
@@ -104,6 +109,7 @@ from analyze import (
 from analyze.outputs import PLOTS_DIR, check_output_dir, sorted_table, table_csv
 from analyze.stats import REGISTRY, SCALAR_STATS
 from capture.format import PHASES
+from capture.storage import is_url, redact_options
 from pipelines._plots import Line, Panel, panels_png
 
 __all__ = [
@@ -163,6 +169,8 @@ def _string(value: Any, key: str, choices: Sequence[str] | None = None) -> str:
 
 
 def _resolve(path: str, base: Path) -> str:
+    if is_url(path):
+        return path
     p = Path(path).expanduser()
     return os.fspath(p if p.is_absolute() else base / p)
 
@@ -191,11 +199,12 @@ class SweepConfig:
     options: AnalysisOptions = SWEEP_OPTIONS
     cache_dir: str | None = None
     plots: bool = True
+    storage_options: Mapping[str, Any] | None = None
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:
         """The configuration keys, in documentation order."""
-        return ("runs", "output", *AnalysisOptions.keys(), "cache_dir", "plots")
+        return ("runs", "output", *AnalysisOptions.keys(), "cache_dir", "storage_options", "plots")
 
     @classmethod
     def from_dict(
@@ -229,17 +238,20 @@ class SweepConfig:
             options=_analysis_options(config),
             cache_dir=_cache_dir(config.get("cache_dir", True), output, base),
             plots=_boolean(config.get("plots", cls.plots), "plots"),
+            storage_options=_storage_options(config.get("storage_options")),
         )
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration as TOML-ready values (tuples as lists, unset options left out)."""
         options = {k: v for k, v in self.options.to_dict().items() if v is not None}
         cache = False if self.cache_dir is None else self.cache_dir
+        storage = {"storage_options": dict(self.storage_options)} if self.storage_options else {}
         return {
             "runs": list(self.runs),
             "output": self.output,
             **options,
             "cache_dir": cache,
+            **storage,
             "plots": self.plots,
         }
 
@@ -269,6 +281,17 @@ def _cache_dir(value: Any, output: str, base: Path) -> str | None:
     except ValueError as exc:
         raise SweepConfigError(f"sweep config: 'cache_dir': {str(exc).split(': ', 1)[1]}") from None
     return None if cache is None else os.fspath(cache)
+
+
+def _storage_options(value: Any) -> dict[str, Any] | None:
+    """``storage_options``: a table of option names (or absent)."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise SweepConfigError(
+            f"sweep config: 'storage_options' must be a table of option names to values, got {value!r}"
+        )
+    return dict(value)
 
 
 def _boolean(value: Any, key: str) -> bool:
@@ -390,8 +413,11 @@ def write_sweep(cfg: SweepConfig, result: AnalysisResult, table: pd.DataFrame) -
             )
             for name, png in figures.items():
                 written["plots"].append(folder.final_path(folder.write(f"{PLOTS_DIR}/{name}", png)))
+        config = cfg.to_dict()
+        if "storage_options" in config:
+            config["storage_options"] = redact_options(config["storage_options"])
         provenance = {
-            "config": cfg.to_dict(),
+            "config": config,
             "inputs": result.inputs,
             "options": result.options,
             "rows": len(table),
@@ -402,7 +428,10 @@ def write_sweep(cfg: SweepConfig, result: AnalysisResult, table: pd.DataFrame) -
 
 
 def sweep(
-    config: str | os.PathLike[str] | Mapping[str, Any] | SweepConfig, *, progress: bool = True
+    config: str | os.PathLike[str] | Mapping[str, Any] | SweepConfig,
+    *,
+    progress: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
     """Analyse every run with every threshold and method of ``config``; write the sweep's files.
 
@@ -413,6 +442,9 @@ def sweep(
         its folder; in a mapping, to the current folder.
     progress : bool
         Show the reduction's progress bar on stderr.
+    storage_options : mapping, optional
+        Options of the filesystem of runs at URLs, added to (and overriding) the configuration's
+        ``storage_options``.
 
     Returns
     -------
@@ -437,7 +469,10 @@ def sweep(
     """
     cfg = load_config(config)
     check_output_dir(cfg.output)  # refuse a foreign folder before any work
-    result = analyze_runs(list(cfg.runs), cfg.options, cache_dir=cfg.cache_dir, progress=progress)
+    storage = {**(cfg.storage_options or {}), **(storage_options or {})} or None
+    result = analyze_runs(
+        list(cfg.runs), cfg.options, cache_dir=cfg.cache_dir, progress=progress, storage_options=storage
+    )
     table = sorted_table(result)
     write_sweep(cfg, result, table)
     return table

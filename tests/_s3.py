@@ -7,6 +7,8 @@ Loaded by ``tests/conftest.py`` (``pytest_plugins``). Fixtures:
   at the end. No cloud, no credentials of the machine.
 - ``s3``: one test's view of it: a fresh prefix, ``storage_options`` for s3fs, and the
   ``AWS_*`` environment variables set for this test only (s3fs and obstore read them).
+- ``local_run`` / ``s3_run`` (session): the recording of :func:`record` on local disk, and the
+  same recording on the server (``(url, storage_options)``): the reference pair of the tests.
 
 Run as a script, this module records the run of :func:`record` into a store (a URL or a
 path) and can SIGKILL itself in the middle of an epoch (``tests/test_object_store.py``)::
@@ -145,6 +147,48 @@ def s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Prefix:
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     return S3Prefix(s3_server, f"t-{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture(scope="session")
+def local_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """:func:`record` on local disk, uninterrupted: the reference of every store on the server."""
+    path = tmp_path_factory.mktemp("local") / "run.zarr"
+    record(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def s3_run(s3_server: S3Server) -> tuple[str, dict[str, Any]]:
+    """The same recording on the S3 server (explicit storage options, no environment variables).
+
+    Tests may damage its objects only if they put them back (``tests/test_object_store.py``).
+    """
+    url = f"s3://{s3_server.bucket}/shared/run.zarr"
+    record(url, storage_options=s3_server.storage_options())
+    return url, s3_server.storage_options()
+
+
+def at_once(fn: Any, n: int = 2) -> list[Any]:
+    """``fn()`` called in ``n`` threads at the same time; their results (an exception is raised)."""
+    import threading
+
+    results: list[Any] = [None] * n
+
+    def call(i: int) -> None:
+        try:
+            results[i] = fn()
+        except BaseException as exc:  # noqa: BLE001 - raised below
+            results[i] = exc
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got in results:
+        if isinstance(got, BaseException):
+            raise got
+    return results
 
 
 # -- a small deterministic recording -------------------------------------------------------------

@@ -30,7 +30,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("capture", "analyze", "pipelines")
 HEAVY = ("analyze", "pipelines", "pandas", "matplotlib", "dask", "distributed")
-CAPTURE_SHARED = {"capture", "capture.format", "capture.moments", "capture.reshape", "capture.store"}
+CAPTURE_SHARED = {"capture", "capture.format", "capture.moments", "capture.reshape", "capture.storage", "capture.store"}
 MAX_BODY_LINES = 100
 
 # -- the public face, pinned: a change here is a change of the public API ----------------------

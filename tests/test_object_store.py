@@ -12,14 +12,13 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from _s3 import EPOCHS, S3Prefix, S3Server, record
+from _s3 import EPOCHS, S3Prefix, S3Server, at_once, record
 from zarr.storage import MemoryStore, WrapperStore
 
 from capture import StoreFormatError, open_run
@@ -34,20 +33,8 @@ RAW = "rank-00000/layers/0/raw"  # the conv layer's raw array
 # -- references ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def local_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The recording on local disk, uninterrupted: the reference of every store here."""
-    path = tmp_path_factory.mktemp("local") / "run.zarr"
-    record(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def s3_run(s3_server: S3Server) -> tuple[str, dict[str, Any]]:
-    """The same recording on the S3 server (explicit storage options, no environment variables)."""
-    url = f"s3://{s3_server.bucket}/shared/run.zarr"
-    record(url, storage_options=s3_server.storage_options())
-    return url, s3_server.storage_options()
+# ``local_run`` (the recording on local disk, uninterrupted: the reference of every store here)
+# and ``s3_run`` (the same recording on the S3 server) are fixtures of ``tests/_s3.py``.
 
 
 def committed(run: RunInfo, epochs: list[int] | None = None) -> dict[str, Any]:
@@ -87,6 +74,14 @@ def assert_same(a: dict[str, Any], b: dict[str, Any]) -> None:
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
         else:
             assert a[key] == b[key], key
+
+
+def stats_csv(run: str | Path, **options: Any) -> bytes:
+    """The ``stats.csv`` bytes of an analysis of ``run`` (no cache: every value read from the store)."""
+    from analyze import analyze_runs
+    from analyze.outputs import sorted_table, table_csv
+
+    return table_csv(sorted_table(analyze_runs(run, progress=False, cache_dir=None, **options)))
 
 
 def local_files(path: Path) -> set[str]:
@@ -301,7 +296,7 @@ def test_an_epoch_commit_is_one_put_written_last(s3: S3Prefix, monkeypatch: pyte
 
 def test_kill_mid_epoch_then_resume_equals_the_local_run(s3: S3Prefix, local_run: Path) -> None:
     """A writer SIGKILLed in epoch 1 (configured by the AWS_* environment alone), read, then resumed."""
-    url = s3.url("killed.zarr")
+    url = s3.url("killed/run.zarr")  # named "run", as the local run is in its table
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "_s3.py"), url, "--kill", "1/3"],
@@ -319,30 +314,20 @@ def test_kill_mid_epoch_then_resume_equals_the_local_run(s3: S3Prefix, local_run
     assert part.raw("0").array.shape[0] > part.raw("0").rows
     assert 1 in part.gram("0", "channelwise").info_column("epoch")
     assert_same(committed(killed), committed(local, [0]))
+    # the analysis of what was committed: the CSV bytes of the local run's epoch 0
+    assert stats_csv(url, source="raw") == stats_csv(local_run, source="raw", epochs="0")
     record(url, resume=True)
     resumed = open_run(url)
     assert resumed.epochs == list(range(EPOCHS)) and resumed.incomplete_epoch is None
     assert_same(committed(resumed), committed(local))
+    for source in ("raw", "gram"):
+        assert stats_csv(url, source=source) == stats_csv(local_run, source=source), source
 
 
 def test_two_readers_at_once(s3_run: tuple[str, dict], local_run: Path) -> None:
     url, options = s3_run
     expected = committed(open_run(local_run))
-    results: list[Any] = [None, None]
-
-    def read(i: int) -> None:
-        try:
-            results[i] = committed(open_run(url, storage_options=options))
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            results[i] = exc
-
-    threads = [threading.Thread(target=read, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for got in results:
-        assert not isinstance(got, BaseException), got
+    for got in at_once(lambda: committed(open_run(url, storage_options=options))):
         assert_same(got, expected)
 
 
