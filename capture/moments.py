@@ -421,6 +421,7 @@ def shifted_sums(
     feature_major: bool = False,
     *,
     helper: Any = None,
+    second: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Add ``sum_i y_i y_i^T``, ``y_i = [x_i - shift, 1]``, to the lower triangle of ``out``.
 
@@ -445,6 +446,11 @@ def shifted_sums(
         Whether features run along the first axis of ``x``.
     helper : concurrent.futures.Executor, optional
         Where the second half of a long batch may run.
+    second : array like ``out``, optional
+        The accumulator of the second halves, kept by the caller over several batches (it adds
+        it to ``out`` once, when they are all in: one ``(d + 1)^2`` pass less per batch). By
+        default a zeroed buffer, added to ``out`` before returning. Adding ``second`` to ``out``
+        after one batch into zeroed accumulators gives the default's bits.
 
     Returns
     -------
@@ -464,15 +470,35 @@ def shifted_sums(
     d, n, runs = _layout(x, feature_major)
     if out is None:
         out = np.zeros((d + 1, d + 1), order="F")
-    if out.shape != (d + 1, d + 1) or out.dtype != np.float64 or not out.flags.f_contiguous:
-        raise ValueError(f"out: need a ({d + 1}, {d + 1}) float64 Fortran-ordered accumulator")
-    if not _long(n, d):  # each slab's rows in two halves, as when streamed into a block
+    for name, acc in (("out", out), ("second", second)):
+        if acc is not None and (
+            acc.shape != (d + 1, d + 1) or acc.dtype != np.float64 or not acc.flags.f_contiguous
+        ):
+            raise ValueError(f"{name}: need a ({d + 1}, {d + 1}) float64 Fortran-ordered accumulator")
+    own_second = second is None
+    if second is None:
         second = _zeroed_sums("moments.second", d)
+    if not _long(n, d):  # each slab's rows in two halves, as when streamed into a block
         shift = _add_rows(x, feature_major, runs, (0, n), shift, out, split=(second, helper))
+    else:
+        shift = _long_halves(x, feature_major, runs, shift, out, second, helper)
+    if own_second:
         out += second
-        return shift, out
+    return shift, out
+
+
+def _long_halves(
+    x: np.ndarray,
+    feature_major: bool,
+    runs: tuple[int, int],
+    shift: np.ndarray | None,
+    out: np.ndarray,
+    second: np.ndarray,
+    helper: Any,
+) -> np.ndarray:
+    """Rows ``[0, n // 2)`` of a long batch into ``out``, the rest into ``second`` (on ``helper``)."""
+    n = runs[0] * runs[1]
     half = n // 2
-    second = _zeroed_sums("moments.second", d)
     pending: list[Any] = []
 
     def start_second(s: np.ndarray) -> None:
@@ -489,8 +515,7 @@ def shifted_sums(
         job.result()
     else:
         _add_rows(*job)
-    out += second
-    return shift, out
+    return shift
 
 
 def _long(n: int, d: int) -> bool:
