@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -65,12 +65,30 @@ __all__ = [
 SLAB_BYTES = 8 * 2**20
 #: Fewest rows per slab (a shorter product runs below the BLAS's speed).
 MIN_SLAB_ROWS = 512
-#: A batch with at least this many rows per feature gets its own moments, merged into the block
-#: (cheap next to its product; keeps the moments of the last batch without a copy of its rows).
-#: Shorter batches are added to the block's shifted sums, saving a d x d merge per batch.
+#: A batch with at least this many rows per feature, and at least ``MIN_SLAB_ROWS`` rows, gets its
+#: own moments, merged into the block (cheap next to its product; keeps the moments of the last
+#: batch without a copy of its rows). Other batches are added to the block's shifted sums, saving
+#: a d x d merge per batch (and, for a narrow layer's short batch, the kernel's per-call overhead,
+#: several times its arithmetic).
 OWN_MOMENTS_ROWS_PER_FEATURE = 8
 
+
+def _own_moments(n: int, d: int) -> bool:
+    """Whether :class:`Moments` gives a batch of ``n`` rows, ``d`` wide, its own moments."""
+    return n >= OWN_MOMENTS_ROWS_PER_FEATURE * (d + 1) and n >= MIN_SLAB_ROWS
+
+
+#: Fewest multiply-adds (rows x (d + 1)^2) in half a product for it to go to the helper thread:
+#: handing a product over and waking the thread costs more than a smaller product (an MLP's
+#: 10-wide output layer spent more time in the hand-over than in its products).
+HELPER_MIN_WORK = 2**22
+
 Partial = tuple[int, Any, Any]
+
+
+def _worth_helping(helper: Any, rows: int, d: int) -> Any:
+    """``helper``, or None when half a product of ``rows`` rows, ``d`` wide, is too small for it."""
+    return helper if helper is not None and (rows // 2) * (d + 1) ** 2 >= HELPER_MIN_WORK else None
 
 
 # -- BLAS ------------------------------------------------------------------------------------------
@@ -148,8 +166,9 @@ def _wrapper_dsyrk() -> Any:
 
 _blas_lock = threading.Lock()
 _blas_users = 0
-_blas_limiter: Any = None
-_blas_controller: Any = None
+#: (library controller, its thread count found by the first caller) while a limit holds
+_blas_saved: list[tuple[Any, int]] = []
+_blas_libraries: list[Any] | None = None
 
 
 def _release_blas_control() -> None:
@@ -168,8 +187,55 @@ def _release_blas_control() -> None:
         clear(force=True)
 
 
-@contextlib.contextmanager
-def one_blas_thread() -> Iterator[None]:
+def _blas_controllers() -> list[Any]:
+    """threadpoolctl's controllers of the BLAS libraries loaded (numpy's, scipy's); [] without it."""
+    global _blas_libraries
+    if _blas_libraries is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:  # pragma: no cover
+            _blas_libraries = []
+        else:
+            _dsyrk()  # scipy's BLAS must be loaded before the controller looks for libraries
+            _blas_libraries = list(ThreadpoolController().select(user_api="blas").lib_controllers)
+    return _blas_libraries
+
+
+class _OneBlasThread:
+    """The context manager of :func:`one_blas_thread` (a class: entered once per hooked call, it
+    must cost microseconds; threadpoolctl's ``limit`` object took about 0.1 ms a call)."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        global _blas_users
+        with _blas_lock:
+            if _blas_users == 0:
+                _release_blas_control()
+                _blas_saved[:] = [(lib, lib.get_num_threads()) for lib in _blas_controllers()]
+                for lib, threads in _blas_saved:
+                    if threads != 1:
+                        lib.set_num_threads(1)
+                _release_blas_control()
+            _blas_users += 1
+
+    def __exit__(self, *exc: Any) -> None:
+        global _blas_users
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                _release_blas_control()
+                for lib, threads in _blas_saved:
+                    if threads != 1:
+                        lib.set_num_threads(threads)
+                _blas_saved.clear()
+                _release_blas_control()
+
+
+_ONE_BLAS_THREAD = _OneBlasThread()
+
+
+def one_blas_thread() -> contextlib.AbstractContextManager[None]:
     """Run the BLAS of numpy and scipy on one thread while any caller is inside.
 
     Used around the moment products of the capture hook and of the analysis tasks, which bring
@@ -183,31 +249,7 @@ def one_blas_thread() -> Iterator[None]:
     >>> with one_blas_thread():
     ...     pass
     """
-    global _blas_users, _blas_limiter, _blas_controller
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:  # pragma: no cover
-        yield
-        return
-    with _blas_lock:
-        if _blas_users == 0:
-            if _blas_controller is None:
-                _dsyrk()  # scipy's BLAS must be loaded before the controller looks for libraries
-                _blas_controller = ThreadpoolController().select(user_api="blas")
-            _release_blas_control()
-            _blas_limiter = _blas_controller.limit(limits=1)
-            _release_blas_control()
-        _blas_users += 1
-    try:
-        yield
-    finally:
-        with _blas_lock:
-            _blas_users -= 1
-            if _blas_users == 0:
-                limiter, _blas_limiter = _blas_limiter, None
-                _release_blas_control()
-                limiter.restore_original_limits()
-                _release_blas_control()
+    return _ONE_BLAS_THREAD
 
 
 # -- the batch kernel ----------------------------------------------------------------------------
@@ -385,6 +427,7 @@ def _split_syrk(y: np.ndarray, first: np.ndarray, second: np.ndarray, helper: An
     """A short batch's slab ``y`` in two halves of its rows: ``first += `` the first half's product,
     ``second += `` the other's (on ``helper`` meanwhile, when given). The same bits either way."""
     half = len(y) // 2
+    helper = _worth_helping(helper, len(y), y.shape[1] - 1)
     if helper is None:
         _syrk(y[:half], first)
         _syrk(y[half:], second)
@@ -481,7 +524,7 @@ def shifted_sums(
     if not _long(n, d):  # each slab's rows in two halves, as when streamed into a block
         shift = _add_rows(x, feature_major, runs, (0, n), shift, out, split=(second, helper))
     else:
-        shift = _long_halves(x, feature_major, runs, shift, out, second, helper)
+        shift = _long_halves(x, feature_major, runs, shift, out, second, _worth_helping(helper, n, d))
     if own_second:
         out += second
     return shift, out
@@ -833,8 +876,8 @@ class Moments:
     :meth:`merge` another partial result (Chan's update), :meth:`compute` returns ``(count, mean,
     m2)``, :meth:`reset` forgets everything.
 
-    A batch of at least ``OWN_MOMENTS_ROWS_PER_FEATURE * (d + 1)`` rows (a conv map's positions)
-    gets its own moments (:func:`batch_moments`), merged into the state; a shorter one streams into
+    A batch of at least ``OWN_MOMENTS_ROWS_PER_FEATURE * (d + 1)`` and ``MIN_SLAB_ROWS`` rows (a
+    conv map's positions) gets its own moments (:func:`batch_moments`), merged into the state; a shorter one streams into
     the shifted sums of the current block (no d x d merge per batch, one product per slab of rows).
     The same batches in the same order give the same bits wherever this class is used; one short
     batch alone gives the bits of :func:`batch_moments`.
@@ -889,7 +932,7 @@ class Moments:
         if n == 0:
             self.last_finite = True
             return self
-        if not blas or n >= OWN_MOMENTS_ROWS_PER_FEATURE * (d + 1):
+        if not blas or _own_moments(n, d):
             part = batch_moments(x, feature_major, helper=helper if blas else None)
             self._fold(part, shared=self.keep_last)
             self.last_finite = _all_finite(part[1])
