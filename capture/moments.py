@@ -17,9 +17,10 @@ the second half may run on a helper thread (:func:`helper_thread`: the capture h
 for it) without changing a bit.
 
 The shift rule (:func:`shift_of`): the float64 mean of the first slab of rows of the first batch
-(the first ``slab_rows(d)`` rows; non-finite entries replaced by 0). It depends on the rows alone,
-so every path that hands the same batches over computes the same shift. It costs one pass over one
-slab that is in cache anyway. ``m2 = Q - S S^T / n`` loses about ``(1 + |mean - s|^2 / var)``
+(the first ``slab_rows(d)`` rows; non-finite entries replaced by 0), summed from the input itself
+before the cast (half the bytes of the float64 slab for float32 input), so that the cast subtracts
+it in the same pass and the helper thread can start at once. It depends on the rows and their
+memory layout alone, so every path that hands the same batches over computes the same shift. ``m2 = Q - S S^T / n`` loses about ``(1 + |mean - s|^2 / var)``
 times the rounding of ``Q``; the first slab's mean is within a few standard deviations of the
 batch mean even for a conv map whose border rows differ from its inside (a single row, the top-left
 corner of the first map, can be hundreds of standard deviations away when the inputs carry a
@@ -357,14 +358,33 @@ def _native(x: Any) -> tuple[Any, bool]:
     return x, False
 
 
-def _slab_mean(y: np.ndarray, d: int, feature_major: bool) -> np.ndarray:
-    """The shift from a slab of :func:`_fill_slab` filled without one (non-finite entries: 0).
+def _rows_mean(x: np.ndarray, feature_major: bool, runs: tuple[int, int], r0: int, r1: int) -> np.ndarray:
+    """The shift from rows ``[r0, r1)`` of ``x``: their float64 mean (non-finite entries: 0).
 
-    Feature major, each feature's rows are contiguous (a pairwise sum); else the rows are added
-    in order. The same slab gives the same bits whichever buffer holds it.
+    Read from ``x`` as it is (float32 is half the bytes of the float64 slab), before the slab is
+    cast, so that the cast subtracts it in the same pass and the helper thread can start at once.
+    Feature major, the rows are summed per run of contiguous positions.
     """
     with np.errstate(invalid="ignore", over="ignore"):  # non-finite rows are counted by the callers
-        mean = y.T[:d].mean(axis=1) if feature_major else y[:, :d].mean(axis=0)
+        if not feature_major:
+            total = x[r0:r1].sum(axis=0, dtype=np.float64)
+        else:
+            d = x.shape[0]
+            src = x.reshape(d, runs[0], runs[1])
+            inner = runs[1]
+            total = np.zeros(d)
+            r = r0
+            while r < r1:  # the pieces of _fill_slab: the end of a run, whole runs, the start of a run
+                a, b = divmod(r, inner)
+                if b == 0 and r1 - r >= inner:
+                    k = (r1 - r) // inner
+                    total += src[:, a : a + k].sum(axis=(1, 2), dtype=np.float64)
+                    r += k * inner
+                else:
+                    step = min(inner - b, r1 - r)
+                    total += src[:, a, b : b + step].sum(axis=1, dtype=np.float64)
+                    r += step
+        mean = total / (r1 - r0)
     return np.where(np.isfinite(mean), mean, 0.0)
 
 
@@ -385,7 +405,7 @@ def shift_of(x: Any, feature_major: bool = False) -> Any:
     d, n, runs = _layout(x, feature_major)
     if n == 0:
         return np.zeros(d)
-    return _slab_mean(_fill_slab(x, feature_major, runs, 0, min(n, slab_rows(d)), 0.0), d, feature_major)
+    return _rows_mean(x, feature_major, runs, 0, min(n, slab_rows(d)))
 
 
 def _add_rows(
@@ -400,8 +420,8 @@ def _add_rows(
 ) -> np.ndarray:
     """Add the slabs of rows ``[r0, r1)`` to ``out``, one ``dsyrk`` each; returns the shift.
 
-    With ``shift=None`` the first slab gives it (:func:`shift_of`): cast as it is, averaged, then
-    shifted in cache; ``on_shift(shift)`` is called as soon as it is known. With ``split=(second,
+    With ``shift=None`` the first slab gives it (:func:`shift_of`, averaged from ``x`` before the
+    cast); ``on_shift(shift)`` is called as soon as it is known. With ``split=(second,
     helper)`` each slab's rows are halved between ``out`` and ``second`` (:func:`_split_syrk`).
     """
     d = out.shape[0] - 1
@@ -409,13 +429,10 @@ def _add_rows(
     for r0 in range(rows[0], rows[1], step):
         r1 = min(rows[1], r0 + step)
         if shift is None:
-            y = _fill_slab(x, feature_major, runs, r0, r1, 0.0)
-            shift = _slab_mean(y, d, feature_major)
+            shift = _rows_mean(x, feature_major, runs, r0, r1)
             if on_shift is not None:
                 on_shift(shift)
-            y[:, :d] -= shift
-        else:
-            y = _fill_slab(x, feature_major, runs, r0, r1, shift)
+        y = _fill_slab(x, feature_major, runs, r0, r1, shift)
         if split is None:
             _syrk(y, out)
         else:
@@ -831,20 +848,9 @@ class _ShiftedBlock:
             while r < n:
                 take = min(n - r, self.step - self.filled)
                 self._room(self.filled + take)
-                first = self.shift is None
-                y = _fill_slab(
-                    x,
-                    self.feature_major,
-                    runs,
-                    r,
-                    r + take,
-                    0.0 if first else self.shift,
-                    self.slab,
-                    self.filled,
-                )
-                if first:  # the shift rule: the first slab's rows of the first batch, in cache
-                    self.shift = _slab_mean(y, d, self.feature_major)
-                    y[:, :d] -= self.shift
+                if self.shift is None:  # the shift rule: the first slab's rows of the first batch
+                    self.shift = _rows_mean(x, self.feature_major, runs, r, r + take)
+                y = _fill_slab(x, self.feature_major, runs, r, r + take, self.shift, self.slab, self.filled)
                 total += float(y[:, :d].sum())
                 self.filled += take
                 r += take
