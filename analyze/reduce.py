@@ -3,13 +3,17 @@
 Raw activations
 ---------------
 A layer's raw array is read in tasks of ``2**k`` consecutive store chunks (aligned),
-by the store's chunk reader (:class:`capture.store.RawChunks`). Each task computes,
-for every store chunk and every (epoch, phase) group with selected rows in that
-chunk, the float64 moments of each reduction method's matrix with the capture
-hook's kernel (:func:`capture.moments.batch_moments`: the cast fused with the
-shift, one product per slab, no centring pass). Moments are merged over a binary
-tree whose shape depends only on the store's chunk index (node ``[lo, hi)`` =
-merge of its two halves, an empty half being the identity): tasks build the lower
+by the store's chunk reader (:class:`capture.store.RawChunks`). The chunks are
+grouped in *leaves* of ``2**j`` consecutive chunks (aligned; :func:`leaf_chunks`:
+about ``LEAF_BYTES`` each, fixed by the chunk grid and the row size alone), and a
+task holds whole leaves. For every leaf and every (epoch, phase) group with
+selected rows in it, each reduction method's matrix is reduced chunk by chunk with
+the capture hook's kernel (:func:`capture.moments.shifted_sums`: the cast fused
+with the shift, one product per slab, no centring pass) into one pair of
+accumulators, turned into float64 moments once per leaf (one leaf of one chunk
+gives the bits of :func:`capture.moments.batch_moments`). Moments are merged over a
+binary tree whose shape depends only on the leaf index (node ``[lo, hi)`` = merge
+of its two halves, an empty half being the identity): tasks build the lower
 levels, dask ``delayed`` merges build the upper ones. The result is therefore
 bit-for-bit the same whatever the task size, the scheduler (synchronous, threads,
 processes, distributed) or the number of workers.
@@ -29,7 +33,14 @@ from typing import Any
 import numpy as np
 from dask import delayed
 
-from capture.moments import batch_moments, merge_moments, one_blas_thread, tree_merge
+from capture.moments import (
+    batch_moments,
+    merge_moments,
+    moments_of_sums,
+    one_blas_thread,
+    shifted_sums,
+    tree_merge,
+)
 from capture.reshape import matrix_source
 from capture.store import RawChunks
 
@@ -41,6 +52,8 @@ __all__ = [
     "gram_partial",
     "chunk_reads",
     "ChunkReadError",
+    "LEAF_BYTES",
+    "leaf_chunks",
 ]
 
 #: ``(count, mean, m2, nonfinite_rows)`` with numpy float64 arrays; ``None`` for "no rows".
@@ -48,6 +61,28 @@ Partial = tuple[int, np.ndarray, np.ndarray, int]
 
 #: Counts the raw chunk ranges read (tests use it to prove that a cached re-run reads none).
 chunk_reads: dict[str, int] = {"tasks": 0, "rows": 0}
+
+#: Decoded bytes of the chunks reduced into one pair of accumulators before their moments are
+#: taken (a leaf of the merge tree). One moment recovery and one merge per leaf, not per chunk: for
+#: a 1024-wide layer in 16 MiB chunks they cost about a fifth of a chunk's product each
+#: (bench/README.md).
+LEAF_BYTES = 64 * 2**20
+
+
+def leaf_chunks(chunk_rows: int, row_bytes: int, device: str = "cpu") -> int:
+    """Store chunks per leaf: the largest power of two whose chunks hold at most ``LEAF_BYTES``
+    (at least 1; 1 for a reduction on another device, whose kernel takes one chunk at a time).
+
+    Examples
+    --------
+    >>> leaf_chunks(4096, 4096), leaf_chunks(1024, 4), leaf_chunks(10**6, 4096)
+    (4, 16384, 1)
+    """
+    if device != "cpu":
+        return 1
+    per_leaf = max(1, LEAF_BYTES // max(1, chunk_rows * row_bytes))
+    return 1 << (per_leaf.bit_length() - 1)
+
 
 @dataclass(frozen=True)
 class RawSource:
@@ -115,30 +150,56 @@ def _tree_over_positions(leaves: dict[int, dict[Any, Partial]], lo: int, hi: int
     return _merge_dicts(left, right, inplace=True)
 
 
-def _matrix_moments(x: np.ndarray, method: str, src: RawSource) -> Partial:
-    """Float64 moments of the matrix of ``x`` (rows of one group in one chunk) by ``method``.
+def _device_moments(x: np.ndarray, method: str, src: RawSource) -> Partial:
+    """Float64 moments of the matrix of ``x`` (rows of one group in one chunk) on ``src.device``.
 
-    The kernel of the capture hook (:func:`capture.moments.batch_moments`) on the method's
-    preferred layout (a view of the chunk where it can be): the same rows give the same bits.
+    The torch form of the kernel (:func:`capture.moments.batch_moments`), one chunk at a time.
     """
-    if src.device != "cpu":
-        import torch
+    import torch
 
-        t = torch.from_numpy(np.ascontiguousarray(x)).to(src.device)
-        mat, feature_major = matrix_source(
-            t, src.layout, method, interpolation=src.interpolation, downsample=src.downsample
-        )
-        n, mean, m2 = batch_moments(mat, feature_major)
-        mean, m2 = mean.cpu().numpy(), m2.cpu().numpy()
-    else:
-        mat, feature_major = matrix_source(
-            x, src.layout, method, interpolation=src.interpolation, downsample=src.downsample
-        )
-        n, mean, m2 = batch_moments(mat, feature_major)
+    t = torch.from_numpy(np.ascontiguousarray(x)).to(src.device)
+    mat, feature_major = matrix_source(
+        t, src.layout, method, interpolation=src.interpolation, downsample=src.downsample
+    )
+    n, mean, m2 = batch_moments(mat, feature_major)
+    mean, m2 = mean.cpu().numpy(), m2.cpu().numpy()
     nonfinite = 0
     if not np.isfinite(mean).all():
         nonfinite = int((~np.isfinite(x.reshape(x.shape[0], -1))).any(axis=1).sum())
     return int(n), mean, m2, nonfinite
+
+
+class _LeafSums:
+    """The shifted sums of one (group, method) matrix over the chunks of one leaf."""
+
+    __slots__ = ("count", "shift", "first", "second", "nonfinite")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.shift: np.ndarray | None = None
+        self.first: np.ndarray | None = None
+        self.second: np.ndarray | None = None
+        self.nonfinite = 0
+
+    def add(self, mat: np.ndarray, feature_major: bool, x: np.ndarray) -> None:
+        """Add the matrix ``mat`` of the chunk rows ``x``; counts the rows of ``x`` with NaN / Inf."""
+        d = int(mat.shape[0] if feature_major else mat.shape[1])
+        if self.first is None:
+            self.first = np.zeros((d + 1, d + 1), order="F")
+            self.second = np.zeros((d + 1, d + 1), order="F")
+        self.shift, _ = shifted_sums(mat, self.shift, self.first, feature_major, second=self.second)
+        self.count += int(np.prod(mat.shape[1:]) if feature_major else mat.shape[0])
+        # a NaN / Inf in these rows reaches the column sums (and stays there: later chunks look
+        # at their own rows)
+        if not (np.isfinite(self.first[d, :d]).all() and np.isfinite(self.second[d, :d]).all()):
+            self.nonfinite += int((~np.isfinite(x.reshape(x.shape[0], -1))).any(axis=1).sum())
+
+    def partial(self) -> Partial:
+        assert self.first is not None and self.second is not None
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite rows are counted in add()
+            self.first += self.second
+        n, mean, m2 = moments_of_sums(self.count, self.shift, self.first)
+        return n, mean, m2, self.nonfinite
 
 
 def _reduce_chunk_range(
@@ -147,12 +208,17 @@ def _reduce_chunk_range(
     chunk_hi: int,
     groups: dict[Any, list[tuple[int, int]]],
     methods: tuple[str, ...],
+    leaf: int = 1,
 ) -> dict[Any, Partial]:
-    """Partials of every (group, method) over store chunks ``[chunk_lo, chunk_hi)`` (one task)."""
+    """Partials of every (group, method) over store chunks ``[chunk_lo, chunk_hi)`` (one task).
+
+    ``leaf``: chunks per leaf of the merge tree (the task holds whole leaves; :func:`leaf_chunks`).
+    """
     r = src.chunk_rows
     start, stop = chunk_lo * r, min(chunk_hi * r, src.rows)
     epochs = sorted({g[0] for g in groups if isinstance(g, tuple)})
     leaves: dict[int, dict[Any, Partial]] = {}
+    sums: dict[int, dict[Any, _LeafSums]] = {}
     chunks = src.reader().chunks(chunk_lo, chunk_hi)
     with one_blas_thread():
         while True:
@@ -173,12 +239,20 @@ def _reduce_chunk_range(
                 if not parts:
                     continue
                 x = parts[0] if len(parts) == 1 else np.concatenate(parts)  # calls apart (a selection)
-                leaf = leaves.setdefault(chunk, {})
                 for method in methods:
-                    leaf[(group, method)] = _matrix_moments(x, method, src)
+                    if src.device != "cpu":  # one chunk per leaf (leaf_chunks)
+                        leaves.setdefault(chunk, {})[(group, method)] = _device_moments(x, method, src)
+                        continue
+                    mat, feature_major = matrix_source(
+                        x, src.layout, method, interpolation=src.interpolation, downsample=src.downsample
+                    )
+                    acc = sums.setdefault(chunk // leaf, {}).setdefault((group, method), _LeafSums())
+                    acc.add(mat, feature_major, x)
+        for position, accs in sums.items():
+            leaves[position] = {key: acc.partial() for key, acc in accs.items()}
         chunk_reads["tasks"] += 1
         chunk_reads["rows"] += stop - start
-        return _tree_over_positions(leaves, chunk_lo, chunk_hi)
+        return _tree_over_positions(leaves, chunk_lo // leaf, -(-chunk_hi // leaf))
 
 
 def _joined(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -210,15 +284,17 @@ def raw_reduction_graph(
     methods : sequence of str
         Reduction methods for the layer's layout.
     task_bytes : int
-        Decoded bytes per task (rounded to a power-of-two number of store chunks).
-        It does not change the result, only the parallelism.
+        Decoded bytes per task (rounded to a power-of-two number of store chunks, at least
+        one leaf). It does not change the result, only the parallelism.
     row_bytes : int
-        Decoded bytes of one row.
+        Decoded bytes of one row (with the chunk rows, it sets the leaves: :func:`leaf_chunks`).
     """
     r = src.chunk_rows
     n_chunks = -(-src.rows // r) if src.rows else 0
     per_task = max(1, task_bytes // max(1, r * row_bytes))
     per_task = 1 << (per_task.bit_length() - 1)  # power of two: tasks align with the tree
+    leaf = leaf_chunks(r, row_bytes, src.device)
+    per_task = max(per_task, leaf)  # whole leaves (both powers of two)
     needed: set[int] = set()
     for ranges in groups.values():
         for a, b in ranges:
@@ -235,7 +311,7 @@ def raw_reduction_graph(
         hi = lo + per_task
         sub = {g: [(a, b) for a, b in rs if a < hi * r and b > lo * r] for g, rs in groups.items()}
         sub = {g: rs for g, rs in sub.items() if rs}
-        nodes[t] = delayed(_reduce_chunk_range, pure=True)(src, lo, hi, sub, methods)
+        nodes[t] = delayed(_reduce_chunk_range, pure=True)(src, lo, hi, sub, methods, leaf)
     # Upper levels of the same aligned tree, over task positions [0, size).
     while size > 1:
         merged: dict[int, Any] = {}

@@ -324,12 +324,12 @@ def child(store: str, layers: str | None) -> None:
 
     import psutil
 
-    import analyze.api
+    import analyze.execute
     from analyze import run_stats
 
-    # Time the eigendecompositions (analyze.api._finalize, one per epoch, phase and layer) apart:
+    # Time the eigendecompositions (analyze.execute._finalize, one per epoch, phase and layer) apart:
     # they are part of run_stats but not of the reduction of the activations.
-    finalize = analyze.api._finalize
+    finalize = analyze.execute._finalize
     spent = [0.0]
     lock = threading.Lock()
 
@@ -341,7 +341,7 @@ def child(store: str, layers: str | None) -> None:
             with lock:
                 spent[0] += time.perf_counter() - t
 
-    analyze.api._finalize = timed_finalize
+    analyze.execute._finalize = timed_finalize
 
     proc = psutil.Process()
     rss0 = proc.memory_info().rss
@@ -671,7 +671,7 @@ def run(store: Path, args: argparse.Namespace, written: dict | None, start: floa
         f"{summary['warm_reduction_matrix_rows_per_s']:.3g} matrix rows/s"
     )
     print(
-        f"  of which eigendecompositions (analyze.api._finalize, summed over threads): "
+        f"  of which eigendecompositions (analyze.execute._finalize, summed over threads): "
         f"{summary['warm_finalize_seconds']:.2f} s of {summary['warm_reduction_seconds']:.2f} s; best round "
         f"{summary['warm_reduction_best_gbps']:.3f} GB/s"
     )

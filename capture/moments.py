@@ -17,9 +17,10 @@ the second half may run on a helper thread (:func:`helper_thread`: the capture h
 for it) without changing a bit.
 
 The shift rule (:func:`shift_of`): the float64 mean of the first slab of rows of the first batch
-(the first ``slab_rows(d)`` rows; non-finite entries replaced by 0). It depends on the rows alone,
-so every path that hands the same batches over computes the same shift. It costs one pass over one
-slab that is in cache anyway. ``m2 = Q - S S^T / n`` loses about ``(1 + |mean - s|^2 / var)``
+(the first ``slab_rows(d)`` rows; non-finite entries replaced by 0), summed from the input itself
+before the cast (half the bytes of the float64 slab for float32 input), so that the cast subtracts
+it in the same pass and the helper thread can start at once. It depends on the rows and their
+memory layout alone, so every path that hands the same batches over computes the same shift. ``m2 = Q - S S^T / n`` loses about ``(1 + |mean - s|^2 / var)``
 times the rounding of ``Q``; the first slab's mean is within a few standard deviations of the
 batch mean even for a conv map whose border rows differ from its inside (a single row, the top-left
 corner of the first map, can be hundreds of standard deviations away when the inputs carry a
@@ -40,7 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -65,12 +66,30 @@ __all__ = [
 SLAB_BYTES = 8 * 2**20
 #: Fewest rows per slab (a shorter product runs below the BLAS's speed).
 MIN_SLAB_ROWS = 512
-#: A batch with at least this many rows per feature gets its own moments, merged into the block
-#: (cheap next to its product; keeps the moments of the last batch without a copy of its rows).
-#: Shorter batches are added to the block's shifted sums, saving a d x d merge per batch.
+#: A batch with at least this many rows per feature, and at least ``MIN_SLAB_ROWS`` rows, gets its
+#: own moments, merged into the block (cheap next to its product; keeps the moments of the last
+#: batch without a copy of its rows). Other batches are added to the block's shifted sums, saving
+#: a d x d merge per batch (and, for a narrow layer's short batch, the kernel's per-call overhead,
+#: several times its arithmetic).
 OWN_MOMENTS_ROWS_PER_FEATURE = 8
 
+
+def _own_moments(n: int, d: int) -> bool:
+    """Whether :class:`Moments` gives a batch of ``n`` rows, ``d`` wide, its own moments."""
+    return n >= OWN_MOMENTS_ROWS_PER_FEATURE * (d + 1) and n >= MIN_SLAB_ROWS
+
+
+#: Fewest multiply-adds (rows x (d + 1)^2) in half a product for it to go to the helper thread:
+#: handing a product over and waking the thread costs more than a smaller product (an MLP's
+#: 10-wide output layer spent more time in the hand-over than in its products).
+HELPER_MIN_WORK = 2**22
+
 Partial = tuple[int, Any, Any]
+
+
+def _worth_helping(helper: Any, rows: int, d: int) -> Any:
+    """``helper``, or None when half a product of ``rows`` rows, ``d`` wide, is too small for it."""
+    return helper if helper is not None and (rows // 2) * (d + 1) ** 2 >= HELPER_MIN_WORK else None
 
 
 # -- BLAS ------------------------------------------------------------------------------------------
@@ -148,8 +167,9 @@ def _wrapper_dsyrk() -> Any:
 
 _blas_lock = threading.Lock()
 _blas_users = 0
-_blas_limiter: Any = None
-_blas_controller: Any = None
+#: (library controller, its thread count found by the first caller) while a limit holds
+_blas_saved: list[tuple[Any, int]] = []
+_blas_libraries: list[Any] | None = None
 
 
 def _release_blas_control() -> None:
@@ -168,8 +188,55 @@ def _release_blas_control() -> None:
         clear(force=True)
 
 
-@contextlib.contextmanager
-def one_blas_thread() -> Iterator[None]:
+def _blas_controllers() -> list[Any]:
+    """threadpoolctl's controllers of the BLAS libraries loaded (numpy's, scipy's); [] without it."""
+    global _blas_libraries
+    if _blas_libraries is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:  # pragma: no cover
+            _blas_libraries = []
+        else:
+            _dsyrk()  # scipy's BLAS must be loaded before the controller looks for libraries
+            _blas_libraries = list(ThreadpoolController().select(user_api="blas").lib_controllers)
+    return _blas_libraries
+
+
+class _OneBlasThread:
+    """The context manager of :func:`one_blas_thread` (a class: entered once per hooked call, it
+    must cost microseconds; threadpoolctl's ``limit`` object took about 0.1 ms a call)."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        global _blas_users
+        with _blas_lock:
+            if _blas_users == 0:
+                _release_blas_control()
+                _blas_saved[:] = [(lib, lib.get_num_threads()) for lib in _blas_controllers()]
+                for lib, threads in _blas_saved:
+                    if threads != 1:
+                        lib.set_num_threads(1)
+                _release_blas_control()
+            _blas_users += 1
+
+    def __exit__(self, *exc: Any) -> None:
+        global _blas_users
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                _release_blas_control()
+                for lib, threads in _blas_saved:
+                    if threads != 1:
+                        lib.set_num_threads(threads)
+                _blas_saved.clear()
+                _release_blas_control()
+
+
+_ONE_BLAS_THREAD = _OneBlasThread()
+
+
+def one_blas_thread() -> contextlib.AbstractContextManager[None]:
     """Run the BLAS of numpy and scipy on one thread while any caller is inside.
 
     Used around the moment products of the capture hook and of the analysis tasks, which bring
@@ -183,31 +250,7 @@ def one_blas_thread() -> Iterator[None]:
     >>> with one_blas_thread():
     ...     pass
     """
-    global _blas_users, _blas_limiter, _blas_controller
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:  # pragma: no cover
-        yield
-        return
-    with _blas_lock:
-        if _blas_users == 0:
-            if _blas_controller is None:
-                _dsyrk()  # scipy's BLAS must be loaded before the controller looks for libraries
-                _blas_controller = ThreadpoolController().select(user_api="blas")
-            _release_blas_control()
-            _blas_limiter = _blas_controller.limit(limits=1)
-            _release_blas_control()
-        _blas_users += 1
-    try:
-        yield
-    finally:
-        with _blas_lock:
-            _blas_users -= 1
-            if _blas_users == 0:
-                limiter, _blas_limiter = _blas_limiter, None
-                _release_blas_control()
-                limiter.restore_original_limits()
-                _release_blas_control()
+    return _ONE_BLAS_THREAD
 
 
 # -- the batch kernel ----------------------------------------------------------------------------
@@ -315,14 +358,33 @@ def _native(x: Any) -> tuple[Any, bool]:
     return x, False
 
 
-def _slab_mean(y: np.ndarray, d: int, feature_major: bool) -> np.ndarray:
-    """The shift from a slab of :func:`_fill_slab` filled without one (non-finite entries: 0).
+def _rows_mean(x: np.ndarray, feature_major: bool, runs: tuple[int, int], r0: int, r1: int) -> np.ndarray:
+    """The shift from rows ``[r0, r1)`` of ``x``: their float64 mean (non-finite entries: 0).
 
-    Feature major, each feature's rows are contiguous (a pairwise sum); else the rows are added
-    in order. The same slab gives the same bits whichever buffer holds it.
+    Read from ``x`` as it is (float32 is half the bytes of the float64 slab), before the slab is
+    cast, so that the cast subtracts it in the same pass and the helper thread can start at once.
+    Feature major, the rows are summed per run of contiguous positions.
     """
     with np.errstate(invalid="ignore", over="ignore"):  # non-finite rows are counted by the callers
-        mean = y.T[:d].mean(axis=1) if feature_major else y[:, :d].mean(axis=0)
+        if not feature_major:
+            total = x[r0:r1].sum(axis=0, dtype=np.float64)
+        else:
+            d = x.shape[0]
+            src = x.reshape(d, runs[0], runs[1])
+            inner = runs[1]
+            total = np.zeros(d)
+            r = r0
+            while r < r1:  # the pieces of _fill_slab: the end of a run, whole runs, the start of a run
+                a, b = divmod(r, inner)
+                if b == 0 and r1 - r >= inner:
+                    k = (r1 - r) // inner
+                    total += src[:, a : a + k].sum(axis=(1, 2), dtype=np.float64)
+                    r += k * inner
+                else:
+                    step = min(inner - b, r1 - r)
+                    total += src[:, a, b : b + step].sum(axis=1, dtype=np.float64)
+                    r += step
+        mean = total / (r1 - r0)
     return np.where(np.isfinite(mean), mean, 0.0)
 
 
@@ -343,7 +405,7 @@ def shift_of(x: Any, feature_major: bool = False) -> Any:
     d, n, runs = _layout(x, feature_major)
     if n == 0:
         return np.zeros(d)
-    return _slab_mean(_fill_slab(x, feature_major, runs, 0, min(n, slab_rows(d)), 0.0), d, feature_major)
+    return _rows_mean(x, feature_major, runs, 0, min(n, slab_rows(d)))
 
 
 def _add_rows(
@@ -358,8 +420,8 @@ def _add_rows(
 ) -> np.ndarray:
     """Add the slabs of rows ``[r0, r1)`` to ``out``, one ``dsyrk`` each; returns the shift.
 
-    With ``shift=None`` the first slab gives it (:func:`shift_of`): cast as it is, averaged, then
-    shifted in cache; ``on_shift(shift)`` is called as soon as it is known. With ``split=(second,
+    With ``shift=None`` the first slab gives it (:func:`shift_of`, averaged from ``x`` before the
+    cast); ``on_shift(shift)`` is called as soon as it is known. With ``split=(second,
     helper)`` each slab's rows are halved between ``out`` and ``second`` (:func:`_split_syrk`).
     """
     d = out.shape[0] - 1
@@ -367,13 +429,10 @@ def _add_rows(
     for r0 in range(rows[0], rows[1], step):
         r1 = min(rows[1], r0 + step)
         if shift is None:
-            y = _fill_slab(x, feature_major, runs, r0, r1, 0.0)
-            shift = _slab_mean(y, d, feature_major)
+            shift = _rows_mean(x, feature_major, runs, r0, r1)
             if on_shift is not None:
                 on_shift(shift)
-            y[:, :d] -= shift
-        else:
-            y = _fill_slab(x, feature_major, runs, r0, r1, shift)
+        y = _fill_slab(x, feature_major, runs, r0, r1, shift)
         if split is None:
             _syrk(y, out)
         else:
@@ -385,6 +444,7 @@ def _split_syrk(y: np.ndarray, first: np.ndarray, second: np.ndarray, helper: An
     """A short batch's slab ``y`` in two halves of its rows: ``first += `` the first half's product,
     ``second += `` the other's (on ``helper`` meanwhile, when given). The same bits either way."""
     half = len(y) // 2
+    helper = _worth_helping(helper, len(y), y.shape[1] - 1)
     if helper is None:
         _syrk(y[:half], first)
         _syrk(y[half:], second)
@@ -421,6 +481,7 @@ def shifted_sums(
     feature_major: bool = False,
     *,
     helper: Any = None,
+    second: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Add ``sum_i y_i y_i^T``, ``y_i = [x_i - shift, 1]``, to the lower triangle of ``out``.
 
@@ -445,6 +506,11 @@ def shifted_sums(
         Whether features run along the first axis of ``x``.
     helper : concurrent.futures.Executor, optional
         Where the second half of a long batch may run.
+    second : array like ``out``, optional
+        The accumulator of the second halves, kept by the caller over several batches (it adds
+        it to ``out`` once, when they are all in: one ``(d + 1)^2`` pass less per batch). By
+        default a zeroed buffer, added to ``out`` before returning. Adding ``second`` to ``out``
+        after one batch into zeroed accumulators gives the default's bits.
 
     Returns
     -------
@@ -464,15 +530,35 @@ def shifted_sums(
     d, n, runs = _layout(x, feature_major)
     if out is None:
         out = np.zeros((d + 1, d + 1), order="F")
-    if out.shape != (d + 1, d + 1) or out.dtype != np.float64 or not out.flags.f_contiguous:
-        raise ValueError(f"out: need a ({d + 1}, {d + 1}) float64 Fortran-ordered accumulator")
-    if not _long(n, d):  # each slab's rows in two halves, as when streamed into a block
+    for name, acc in (("out", out), ("second", second)):
+        if acc is not None and (
+            acc.shape != (d + 1, d + 1) or acc.dtype != np.float64 or not acc.flags.f_contiguous
+        ):
+            raise ValueError(f"{name}: need a ({d + 1}, {d + 1}) float64 Fortran-ordered accumulator")
+    own_second = second is None
+    if second is None:
         second = _zeroed_sums("moments.second", d)
+    if not _long(n, d):  # each slab's rows in two halves, as when streamed into a block
         shift = _add_rows(x, feature_major, runs, (0, n), shift, out, split=(second, helper))
+    else:
+        shift = _long_halves(x, feature_major, runs, shift, out, second, _worth_helping(helper, n, d))
+    if own_second:
         out += second
-        return shift, out
+    return shift, out
+
+
+def _long_halves(
+    x: np.ndarray,
+    feature_major: bool,
+    runs: tuple[int, int],
+    shift: np.ndarray | None,
+    out: np.ndarray,
+    second: np.ndarray,
+    helper: Any,
+) -> np.ndarray:
+    """Rows ``[0, n // 2)`` of a long batch into ``out``, the rest into ``second`` (on ``helper``)."""
+    n = runs[0] * runs[1]
     half = n // 2
-    second = _zeroed_sums("moments.second", d)
     pending: list[Any] = []
 
     def start_second(s: np.ndarray) -> None:
@@ -489,8 +575,7 @@ def shifted_sums(
         job.result()
     else:
         _add_rows(*job)
-    out += second
-    return shift, out
+    return shift
 
 
 def _long(n: int, d: int) -> bool:
@@ -763,20 +848,9 @@ class _ShiftedBlock:
             while r < n:
                 take = min(n - r, self.step - self.filled)
                 self._room(self.filled + take)
-                first = self.shift is None
-                y = _fill_slab(
-                    x,
-                    self.feature_major,
-                    runs,
-                    r,
-                    r + take,
-                    0.0 if first else self.shift,
-                    self.slab,
-                    self.filled,
-                )
-                if first:  # the shift rule: the first slab's rows of the first batch, in cache
-                    self.shift = _slab_mean(y, d, self.feature_major)
-                    y[:, :d] -= self.shift
+                if self.shift is None:  # the shift rule: the first slab's rows of the first batch
+                    self.shift = _rows_mean(x, self.feature_major, runs, r, r + take)
+                y = _fill_slab(x, self.feature_major, runs, r, r + take, self.shift, self.slab, self.filled)
                 total += float(y[:, :d].sum())
                 self.filled += take
                 r += take
@@ -808,8 +882,8 @@ class Moments:
     :meth:`merge` another partial result (Chan's update), :meth:`compute` returns ``(count, mean,
     m2)``, :meth:`reset` forgets everything.
 
-    A batch of at least ``OWN_MOMENTS_ROWS_PER_FEATURE * (d + 1)`` rows (a conv map's positions)
-    gets its own moments (:func:`batch_moments`), merged into the state; a shorter one streams into
+    A batch of at least ``OWN_MOMENTS_ROWS_PER_FEATURE * (d + 1)`` and ``MIN_SLAB_ROWS`` rows (a
+    conv map's positions) gets its own moments (:func:`batch_moments`), merged into the state; a shorter one streams into
     the shifted sums of the current block (no d x d merge per batch, one product per slab of rows).
     The same batches in the same order give the same bits wherever this class is used; one short
     batch alone gives the bits of :func:`batch_moments`.
@@ -864,7 +938,7 @@ class Moments:
         if n == 0:
             self.last_finite = True
             return self
-        if not blas or n >= OWN_MOMENTS_ROWS_PER_FEATURE * (d + 1):
+        if not blas or _own_moments(n, d):
             part = batch_moments(x, feature_major, helper=helper if blas else None)
             self._fold(part, shared=self.keep_last)
             self.last_finite = _all_finite(part[1])

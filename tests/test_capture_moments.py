@@ -196,3 +196,38 @@ def test_layout_rules():
         to_matrix(np.zeros((1, 2, 2)), "sequence", "first")
     with pytest.raises(ValueError, match="unknown layout"):
         to_matrix(np.zeros((1, 2)), "table")
+
+
+def test_one_blas_thread_limits_every_blas_while_any_caller_is_inside():
+    """The limit holds for nested and overlapping callers (threads) and restores the counts found."""
+    import threading
+
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from capture.moments import one_blas_thread, shifted_sums
+
+    shifted_sums(np.ones((2, 2)))  # scipy's BLAS loaded, as in use
+
+    def counts():
+        return sorted(
+            {lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"}
+        )
+
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        assert counts() == [2]
+        inside, release = threading.Event(), threading.Event()
+
+        def other():
+            with one_blas_thread():
+                inside.set()
+                release.wait(10)
+
+        worker = threading.Thread(target=other)
+        with one_blas_thread():
+            with one_blas_thread():
+                assert counts() == [1]
+            worker.start()
+            inside.wait(10)
+        assert counts() == [1]  # the other thread is still inside
+        release.set()
+        worker.join()
+        assert counts() == [2]

@@ -335,6 +335,53 @@ def reduce_raw(path: Path, layout: str, method: str) -> tuple:
     return result[((0, "train"), method)][:3]
 
 
+def test_a_leaf_of_several_chunks_matches_the_reference_and_counts_nonfinite_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reduction sums the chunks of a leaf into one accumulator: one leaf of 8 chunks or 8
+    leaves of one chunk, both within 1e-12 of the two-pass reference (+1000 offset); a NaN / Inf
+    row is counted in whichever chunk of the leaf it comes."""
+    from analyze import reduce as reduce_module
+
+    rng = np.random.default_rng(5)
+    d, chunk_rows = 6, 40
+    calls = [(rng.standard_normal((32, d)) * 3 + 1000).astype(np.float32) for _ in range(10)]
+    bad = [c.copy() for c in calls]
+    bad[2][5, 1], bad[3][0, 0], bad[7][9, 4] = np.nan, np.inf, -np.inf  # chunks 1, 2 and 5 of 8
+    results = {}
+    for name, data in (("clean", calls), ("bad", bad)):
+        path = tmp_path / f"{name}.zarr"
+        model = Replay(nn.Linear, [torch.from_numpy(c) for c in data])
+        with Recorder(model.layer, path, mode="raw", dtype="float32", chunk_bytes=chunk_rows * d * 4) as rec:
+            for _ in data:
+                model(None)
+            rec.end_epoch()
+        run = open_run(path)
+        part, layer = run.ranks[0], run.layers[0]
+        raw = part.raw(layer)
+        assert raw.chunk_rows == chunk_rows
+        src = RawSource(
+            str(path),
+            f"{part.group.path}/{part.layers[layer].raw_array}",
+            "float32",
+            "flat",
+            raw.chunk_rows,
+            raw.rows,
+        )
+        for leaf_bytes in (chunk_rows * d * 4, 8 * chunk_rows * d * 4):
+            monkeypatch.setattr(reduce_module, "LEAF_BYTES", leaf_bytes)
+            graph = raw_reduction_graph(src, {"g": [(0, raw.rows)]}, ["none"], task_bytes=1, row_bytes=d * 4)
+            got = graph.compute(scheduler="sync")
+            results[name, leaf_bytes] = got[("g", "none")]
+    ref = two_pass(np.concatenate(calls))
+    for leaf_bytes in (chunk_rows * d * 4, 8 * chunk_rows * d * 4):
+        n, mean, m2, nonfinite = results["clean", leaf_bytes]
+        assert n == ref[0] and nonfinite == 0
+        assert rel(mean, ref[1]) <= 1e-12 and rel(m2, ref[2]) <= 1e-12
+        n, mean, m2, nonfinite = results["bad", leaf_bytes]
+        assert n == ref[0] and nonfinite == 3 and not np.isfinite(mean).all()
+
+
 PATHS_CASES = [(lay, m) for lay, ms in METHODS.items() for m in ms]
 
 
