@@ -195,7 +195,14 @@ def _layer_graph(plan: LayerPlan, misses: list[CovarianceKey], need_cov: bool, t
                 if ranges:
                     groups[(e, p)] = ranges
             src, row_bytes = raw_source(
-                run.path, part, layer, plan.layout, plan.interpolation, plan.downsample, plan.device
+                run.path,
+                part,
+                layer,
+                plan.layout,
+                plan.interpolation,
+                plan.downsample,
+                plan.device,
+                masks=plan.masks,
             )
             per_rank.append(
                 raw_reduction_graph(src, groups, methods, task_bytes=task_bytes, row_bytes=row_bytes)
@@ -217,13 +224,17 @@ def raw_source(
     interpolation: str | None = None,
     downsample: int | None = None,
     device: str = "cpu",
+    *,
+    masks: bool = False,
 ) -> tuple[RawSource, int]:
     """The raw array of ``layer`` in one rank group of a run store, and the bytes of one stored row.
 
     ``layout``, ``interpolation``, ``downsample`` and ``device`` say how its rows become matrices
     (:func:`capture.reshape.to_matrix`); ``store`` is the run's path, named with the layer in errors.
+    ``masks``: apply the layer's stored token masks (if it has any).
     """
     rec, raw = part.layers[layer], part.raw(layer)
+    mask_path = f"{part.group.path}/{rec.mask_array}" if masks and rec.mask_array else None
     src = RawSource(
         store=store,
         array_path=f"{part.group.path}/{rec.raw_array}",
@@ -235,6 +246,7 @@ def raw_source(
         downsample=downsample,
         device=device,
         label=f"{store}: layer {layer!r}",
+        mask_path=mask_path,
     )
     return src, int(np.prod(rec.sample_shape, dtype=np.int64)) * raw.dtype.itemsize
 

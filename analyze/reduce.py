@@ -22,6 +22,7 @@ Blocks stored by the capture hook are merged in block order with
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -63,9 +64,19 @@ class RawSource:
     downsample: int | None = None
     device: str = "cpu"
     label: str = ""
+    #: The token-mask array aligned with the rows (format 1.2), applied to the matrices; None: none.
+    mask_path: str | None = None
 
     def reader(self) -> RawChunks:
         return RawChunks(self.store, self.array_path, self.rows, self.chunk_rows, self.stored_dtype)
+
+    def masks(self, chunk_lo: int, chunk_hi: int) -> np.ndarray | None:
+        """The token masks (bool) of the rows of store chunks ``[chunk_lo, chunk_hi)``; None without masks."""
+        if self.mask_path is None:
+            return None
+        reader = dataclasses.replace(self.reader(), array_path=self.mask_path, stored_dtype="uint8")
+        parts = [rows != 0 for _, _, rows in reader.chunks(chunk_lo, chunk_hi)]  # copies: buffers are reused
+        return np.concatenate(parts) if parts else None
 
 
 class ChunkReadError(RuntimeError):
@@ -108,30 +119,40 @@ def _tree_over_positions(leaves: dict[int, dict[Any, Partial]], lo: int, hi: int
     return _merge_dicts(left, right, inplace=True)
 
 
-def _matrix_moments(x: np.ndarray, method: str, src: RawSource) -> Partial:
+def _matrix_moments(
+    x: np.ndarray, method: str, src: RawSource, mask: np.ndarray | None = None
+) -> Partial | None:
     """Float64 moments of the matrix of ``x`` (rows of one group in one chunk) by ``method``.
 
     The kernel of the capture hook (:func:`capture.moments.batch_moments`) on the method's
     preferred layout (a view of the chunk where it can be): the same rows give the same bits.
+    ``mask``: the rows' token masks. None when the matrix has no row (sequences without a token).
     """
+    reshape = {"interpolation": src.interpolation, "downsample": src.downsample, "mask": mask}
     if src.device != "cpu":
         import torch
 
         t = torch.from_numpy(np.ascontiguousarray(x)).to(src.device)
-        mat, feature_major = matrix_source(
-            t, src.layout, method, interpolation=src.interpolation, downsample=src.downsample
-        )
+        mat, feature_major = matrix_source(t, src.layout, method, **reshape)
+        if mat.shape[0] == 0:
+            return None
         n, mean, m2 = batch_moments(mat, feature_major)
         mean, m2 = mean.cpu().numpy(), m2.cpu().numpy()
     else:
-        mat, feature_major = matrix_source(
-            x, src.layout, method, interpolation=src.interpolation, downsample=src.downsample
-        )
+        mat, feature_major = matrix_source(x, src.layout, method, **reshape)
+        if mat.shape[0] == 0:
+            return None
         n, mean, m2 = batch_moments(mat, feature_major)
     nonfinite = 0
     if not np.isfinite(mean).all():
         nonfinite = int((~np.isfinite(x.reshape(x.shape[0], -1))).any(axis=1).sum())
     return int(n), mean, m2, nonfinite
+
+
+def _rows(data: np.ndarray, spans: list[tuple[int, int]], first: int) -> np.ndarray:
+    """Rows ``[a, b)`` of each span of ``data`` (whose row 0 is row ``first``), one view if one span."""
+    parts = [data[a - first : b - first] for a, b in spans]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def _reduce_chunk_range(
@@ -148,8 +169,11 @@ def _reduce_chunk_range(
     leaves: dict[int, dict[Any, Partial]] = {}
     chunks = src.reader().chunks(chunk_lo, chunk_hi)
     with one_blas_thread():
+        masks = None
         while True:
             try:
+                if masks is None and src.mask_path is not None:
+                    masks = src.masks(chunk_lo, chunk_hi)
                 item = next(chunks, None)
             except Exception as exc:  # noqa: BLE001 - re-raised with its context
                 raise ChunkReadError(
@@ -162,13 +186,16 @@ def _reduce_chunk_range(
             chunk, c0, data = item
             c1 = c0 + len(data)
             for group, ranges in groups.items():
-                parts = [data[max(a, c0) - c0 : min(b, c1) - c0] for a, b in ranges if a < c1 and b > c0]
-                if not parts:
+                spans = [(max(a, c0), min(b, c1)) for a, b in ranges if a < c1 and b > c0]
+                if not spans:
                     continue
-                x = parts[0] if len(parts) == 1 else np.concatenate(parts)  # calls apart (a selection)
+                x = _rows(data, spans, c0)  # calls apart (a selection): concatenated
+                mask = None if masks is None else _rows(masks, spans, start)
                 leaf = leaves.setdefault(chunk, {})
                 for method in methods:
-                    leaf[(group, method)] = _matrix_moments(x, method, src)
+                    partial = _matrix_moments(x, method, src, mask)
+                    if partial is not None:
+                        leaf[(group, method)] = partial
         chunk_reads["tasks"] += 1
         chunk_reads["rows"] += stop - start
         return _tree_over_positions(leaves, chunk_lo, chunk_hi)
