@@ -1,0 +1,381 @@
+"""Token masks (padding) with real frameworks on the CPU: the Hugging Face ``Trainer`` and Lightning.
+
+A tiny GPT-2 and a tiny BERT (built from their configs, no download) are trained by
+``transformers.Trainer`` on batches padded to the longest sequence of each batch (3 to 11 tokens),
+with the ``attention_mask`` the model is called with; a LightningModule on token ids takes the mask
+from its batches. The reference is a plain forward-hook tape on the same layers during the same
+training, each output with the mask of the model call it belongs to (a plain pre-hook on the model),
+reduced with numpy: ``tokenwise`` rows are the outputs at the positions the mask marks as tokens,
+``last_timestep`` rows each sequence's output at its last token. Raw stores (the mask kept with the
+rows, the analysis applying it) and gram stores (the hook applying it) must give the same statistics
+to 1e-10 relative.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+L = pytest.importorskip("lightning.pytorch")
+
+from _frameworks import (  # noqa: E402
+    assert_close,
+    quiet_lightning,
+    quiet_transformers,
+    reference_stats,
+    table_of,
+)
+from _lightning_worker import trainer as lightning_trainer  # noqa: E402
+from test_huggingface import EpochSplit, Tokens, make_trainer, pad, tiny_bert, tiny_gpt2  # noqa: E402
+
+from capture import CaptureError, Recorder, discover_layers, open_run  # noqa: E402
+from pipelines.huggingface import ActivationCapture as HFCapture  # noqa: E402
+from pipelines.lightning import ActivationCapture as LightningCapture  # noqa: E402
+
+METHODS = ("tokenwise", "last_timestep")
+LONGEST = 11  # Tokens: 3 to 11 tokens a sequence
+
+
+@pytest.fixture(autouse=True)
+def _quiet() -> None:
+    quiet_transformers()
+    quiet_lightning()
+
+
+# -- the reference: plain hooks and numpy ------------------------------------------------------------------
+@dataclass
+class Seen:
+    name: str
+    training: bool
+    output: torch.Tensor
+    mask: torch.Tensor | None  # the attention mask of the model call the output belongs to
+
+
+class MaskTape:
+    """Every output of ``layers`` (plain forward hooks), with the mask of the current model call.
+
+    The mask is the model's ``attention_mask`` keyword (a plain pre-hook on ``root``) or, for a model
+    that does not receive it, what :meth:`set` was given last.
+    """
+
+    def __init__(self, root: nn.Module | None, layers: dict[str, nn.Module]) -> None:
+        self.seen: list[Seen] = []
+        self.mask: torch.Tensor | None = None
+        self.handles = [m.register_forward_hook(self._hook(n)) for n, m in layers.items()]
+        if root is not None:
+            self.handles.append(root.register_forward_pre_hook(self._take, with_kwargs=True))
+
+    def _take(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        self.mask = kwargs.get("attention_mask")
+
+    def set(self, mask: torch.Tensor | None) -> None:
+        self.mask = mask
+
+    def _hook(self, name: str) -> Any:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            out = output[0] if isinstance(output, tuple) else output
+            mask = None if self.mask is None else self.mask.detach().clone()
+            self.seen.append(Seen(name, module.training, out.detach().clone(), mask))
+
+        return hook
+
+    def clear(self) -> None:
+        self.seen.clear()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def masked_matrix(seen: Seen, method: str) -> np.ndarray:
+    """The numpy sample matrix of one output: tokens only (``tokenwise``), or each sequence's last token."""
+    x = seen.output.to(torch.float64).numpy()
+    if x.ndim == 2:
+        return x
+    tokens = np.ones(x.shape[:2], dtype=bool) if seen.mask is None else seen.mask.numpy() != 0
+    if method == "tokenwise":
+        return x[tokens]
+    last = [np.flatnonzero(row)[-1] for row in tokens]
+    return x[np.arange(len(x)), last]
+
+
+def masked_table(
+    epochs: Sequence[Iterable[Seen]], layers: Iterable[str], method: str
+) -> dict[tuple[int, str, str, str], float]:
+    """The reference statistics, ``epochs[e]`` the outputs seen in epoch ``e``."""
+    out: dict[tuple[int, str, str, str], float] = {}
+    for epoch, seen in enumerate(epochs):
+        seen = list(seen)
+        for name in layers:
+            for phase, training in (("train", True), ("eval", False)):
+                calls = [s for s in seen if s.name == name and s.training == training]
+                if calls:
+                    x = np.concatenate([masked_matrix(s, method) for s in calls])
+                    for stat, value in reference_stats(x).items():
+                        out[(epoch, phase, name, stat)] = value
+    return out
+
+
+def assert_same_as_hooks(
+    stores: list[tuple[Path, dict[str, Any]]], epochs: Any, layers: Iterable[str]
+) -> None:
+    """Every store, analysed with each method (and its options), equals the masked numpy reference."""
+    for method in METHODS:
+        want = masked_table(epochs, layers, method)
+        for store, options in stores:
+            assert_close(table_of(store, timeseries_methods=(method,), **options), want)
+
+
+def without_masks(epochs: Sequence[Iterable[Seen]]) -> list[list[Seen]]:
+    """The same outputs as if the model had been called without masks."""
+    return [[Seen(s.name, s.training, s.output, None) for s in epoch] for epoch in epochs]
+
+
+def assert_raw_rows_and_masks(store: Path, seen: Iterable[Seen], layers: Iterable[str]) -> None:
+    """The raw rows are the outputs padded to the stored positions; the stored masks the calls' masks."""
+    part = open_run(store).ranks[0]
+    seen = list(seen)
+    for name in layers:
+        calls = [s for s in seen if s.name == name]
+        rows, masks = part.raw(name)[:], part.mask(name)[:]
+        at = 0
+        for s in calls:
+            n, t = s.output.shape[:2]
+            np.testing.assert_array_equal(rows[at : at + n, :t], s.output.numpy())
+            np.testing.assert_array_equal(rows[at : at + n, t:], 0.0)
+            np.testing.assert_array_equal(masks[at : at + n, :t], s.mask.numpy())
+            np.testing.assert_array_equal(masks[at : at + n, t:], 0)
+            at += n
+        assert at == len(rows) == len(masks)
+
+
+# -- Hugging Face ----------------------------------------------------------------------------------------
+def test_gpt2_padded_batches_raw_and_gram_stores_apply_the_attention_mask(tmp_path):
+    model = tiny_gpt2()
+    layers = discover_layers(model)
+    tape = MaskTape(model, layers)
+    split = EpochSplit(tape)
+    trainer = make_trainer(model, tmp_path / "out", 2, callbacks=[split])
+    raw, gram = tmp_path / "raw.zarr", tmp_path / "gram.zarr"
+    trainer.add_callback(HFCapture(raw, mode="raw", max_positions=LONGEST))
+    trainer.add_callback(HFCapture(gram, mode="gram", timeseries_methods=METHODS))
+    trainer.train()
+    tape.remove()
+
+    lengths = {s.output.shape[1] for s in tape.seen}
+    assert len(lengths) > 3 and max(lengths) <= LONGEST  # batches padded to different lengths
+    assert any((s.mask == 0).any() for s in tape.seen)  # with padding
+    run = open_run(raw)
+    assert run.format_minor == 2 and run.epochs == [0, 1]
+    assert all(run.layer(n).sample_shape[0] == LONGEST and run.layer(n).mask_array for n in layers)
+    assert_raw_rows_and_masks(raw, tape.seen, layers)
+    assert sorted(open_run(gram).layer("lm_head").gram) == sorted(METHODS)
+    assert_same_as_hooks([(raw, {}), (gram, {})], split.epochs(), layers)
+    # the reference is sensitive to the mask: without it, the numbers differ
+    for method in METHODS:
+        masked = masked_table(split.epochs(), ["lm_head"], method)
+        plain = masked_table(without_masks(split.epochs()), ["lm_head"], method)
+        assert all(plain[k] != pytest.approx(masked[k], rel=1e-3) for k in masked if k[3] == "trc")
+
+
+def test_bert_raw_and_gram_stores_apply_the_attention_mask(tmp_path):
+    model = tiny_bert()
+    layers = discover_layers(model)
+    tape = MaskTape(model, layers)
+    split = EpochSplit(tape)
+    trainer = make_trainer(model, tmp_path / "out", 2, lm=False, callbacks=[split])
+    store = tmp_path / "both.zarr"
+    trainer.add_callback(HFCapture(store, mode="both", timeseries_methods=METHODS, max_positions=LONGEST))
+    trainer.train()
+    tape.remove()
+
+    sequence = [n for n in layers if tape.seen[[s.name for s in tape.seen].index(n)].output.dim() == 3]
+    assert "bert-encoder-layer-1-output-dense" in sequence and "classifier" not in sequence
+    run = open_run(store)
+    assert [n for n in layers if run.layer(n).mask_array] == sequence  # flat layers have no positions
+    assert_raw_rows_and_masks(store, tape.seen, sequence)
+    assert_same_as_hooks([(store, {"source": "raw"}), (store, {"source": "gram"})], split.epochs(), layers)
+
+
+# -- Lightning ----------------------------------------------------------------------------------------
+class TokenModule(L.LightningModule):
+    """Token ids -> embedding -> two position-wise layers -> the mean over real tokens -> 3 classes.
+
+    Its steps call ``self.net`` themselves: the LightningModule's ``forward`` never sees the mask.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(64, 8)
+        self.fc1 = nn.Linear(8, 12)
+        self.fc2 = nn.Linear(12, 6)
+        self.head = nn.Linear(6, 3)
+
+    def logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.fc2(torch.tanh(self.fc1(self.embed(ids))))
+        weights = mask.unsqueeze(-1).to(h.dtype)
+        return self.head((h * weights).sum(1) / weights.sum(1))
+
+    def training_step(self, batch: Any, index: int) -> torch.Tensor:
+        return nn.functional.cross_entropy(
+            self.logits(batch["input_ids"], batch["attention_mask"]), batch["labels"]
+        )
+
+    def validation_step(self, batch: Any, index: int) -> None:
+        self.log(
+            "val",
+            nn.functional.cross_entropy(
+                self.logits(batch["input_ids"], batch["attention_mask"]), batch["labels"]
+            ),
+        )
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class TapeMask(L.Callback):
+    """Hands each batch's mask to the reference tape, and splits it by training epoch."""
+
+    def __init__(self, tape: MaskTape) -> None:
+        self.tape = tape
+        self.epochs: list[list[Seen]] = []
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self.tape.clear()
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self.tape.set(batch["attention_mask"])
+
+    def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any, *args: Any) -> None:
+        self.tape.set(batch["attention_mask"])
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self.epochs.append(list(self.tape.seen))
+        self.tape.clear()
+
+
+def test_lightning_takes_the_mask_from_the_batch(tmp_path):
+    module = TokenModule()
+    layers = {"embed": module.embed, "fc1": module.fc1, "fc2": module.fc2, "head": module.head}
+    tape = MaskTape(None, layers)
+    split = TapeMask(tape)
+    store, unmasked = tmp_path / "run.zarr", tmp_path / "unmasked.zarr"
+    names = list(layers)  # the embedding is not among the default layer types
+    capture = LightningCapture(
+        store, mode="both", layers=names, timeseries_methods=METHODS, max_positions=LONGEST
+    )
+    ignored = LightningCapture(
+        unmasked, mode="gram", layers=names, timeseries_methods=METHODS, batch_mask=None
+    )
+    loader = torch.utils.data.DataLoader
+    train = loader(Tokens(16, 1), batch_size=4, collate_fn=lambda b: pad(b, lm=False))
+    val = loader(Tokens(8, 2), batch_size=4, collate_fn=lambda b: pad(b, lm=False))
+    lightning_trainer(str(tmp_path), 2, [split, capture, ignored], num_sanity_val_steps=1).fit(
+        module, train, val
+    )
+    tape.remove()
+
+    assert capture.recorder is None and open_run(store).epochs == [0, 1]
+    sequence = ("embed", "fc1", "fc2")
+    assert_raw_rows_and_masks(store, [s for epoch in split.epochs for s in epoch], sequence)
+    assert_same_as_hooks([(store, {"source": "raw"}), (store, {"source": "gram"})], split.epochs, layers)
+    # batch_mask=None: no mask from the batches (and the module's forward, never called, gave none)
+    assert_same_as_hooks([(unmasked, {})], without_masks(split.epochs), layers)
+
+
+# -- the Recorder's own rules -------------------------------------------------------------------------
+class Seq(nn.Module):
+    """``forward(ids, attention_mask=None)``: an embedding, a position-wise layer, a layer on the first
+    two positions only (another sequence length) and a 2-D head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(16, 4)
+        self.fc = nn.Linear(4, 3)
+        self.first = nn.Linear(3, 2)
+        self.pool = nn.Linear(2, 2)
+
+    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.pool(self.first(self.fc(self.embed(ids))[:, :2]).mean(1))
+
+
+def hook_matrices(net: nn.Module, call: Any, **options: Any) -> dict[str, np.ndarray]:
+    """The matrices the gram hook of ``net.fc`` reduces in one call, by method (``on_batch``)."""
+    got: dict[str, np.ndarray] = {}
+
+    def keep(phase: str, layer: str, method: str, m: torch.Tensor) -> None:
+        got[method] = m.double().numpy()
+
+    with Recorder(net, None, mode="gram", layers=["fc"], timeseries_methods=METHODS, on_batch=keep, **options):
+        call()
+    return got
+
+
+def test_the_mask_comes_from_a_positional_argument_a_callable_or_nowhere(tmp_path):
+    net = Seq()
+    ids = torch.randint(0, 16, (3, 5))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 1, 1, 0, 0]])  # holes and left padding too
+    out = net.fc(net.embed(ids)).detach().double().numpy()
+    expect = {"tokenwise": out[mask.numpy() != 0], "last_timestep": out[[0, 1, 2], [2, 4, 2]]}
+    for options, call in [
+        ({}, lambda: net(ids, mask)),  # positional
+        ({}, lambda: net(ids, attention_mask=mask)),
+        ({"token_mask": lambda: mask}, lambda: net(ids)),
+    ]:
+        got = hook_matrices(net, call, **options)
+        for method in METHODS:
+            np.testing.assert_array_equal(got[method], expect[method])
+    got = hook_matrices(net, lambda: net(ids, mask), token_mask=False)
+    np.testing.assert_array_equal(got["tokenwise"], out.reshape(-1, 3))
+    np.testing.assert_array_equal(got["last_timestep"], out[:, -1])
+
+
+def test_a_layer_of_another_shape_gets_no_mask_with_one_warning(tmp_path):
+    net = Seq()
+    ids, mask = torch.randint(0, 16, (3, 5)), torch.ones(3, 5, dtype=torch.long)
+    mask[0, 3:] = 0
+    with Recorder(net, tmp_path / "run.zarr", mode="raw", layers=["embed", "fc", "first", "pool"]) as rec:
+        with pytest.warns(
+            RuntimeWarning, match=r"layer 'first': its output \(3, 2, 2\) does not have .* \(3, 5\)"
+        ):
+            net(ids, mask)
+        net(ids, mask)  # warned once
+        rec.end_epoch()
+    run = open_run(tmp_path / "run.zarr")
+    assert run.layer("fc").mask_array and run.layer("embed").mask_array
+    assert not run.layer("first").mask_array and not run.layer("pool").mask_array
+    np.testing.assert_array_equal(run.ranks[0].mask("fc")[:], np.concatenate([mask.numpy()] * 2))
+
+
+def test_longer_calls_need_max_positions_and_masks_start_late(tmp_path):
+    net = Seq()
+    short, long = torch.randint(0, 16, (2, 4)), torch.randint(0, 16, (2, 6))
+    with Recorder(net, tmp_path / "a.zarr", mode="raw", layers=["fc"]) as rec:
+        net(long)  # no mask: no mask array
+        net(short)  # shorter: stored padded, and from now on the layer keeps masks
+        with pytest.raises(
+            CaptureError, match=r"layer 'fc': a call of 7 positions is longer than the 6 .*max_positions="
+        ):
+            net(torch.randint(0, 16, (2, 7)))
+        rec.end_epoch()
+    part = open_run(tmp_path / "a.zarr").ranks[0]
+    np.testing.assert_array_equal(
+        part.mask("fc")[:], [[1] * 6, [1] * 6, [1] * 4 + [0] * 2, [1] * 4 + [0] * 2]
+    )
+    with pytest.raises(ValueError, match="max_positions: must be a positive integer"):
+        Recorder(net, tmp_path / "b.zarr", max_positions=0)
+    with pytest.raises(ValueError, match="token_mask: must be a callable"):
+        Recorder(net, tmp_path / "b.zarr", token_mask="attention_mask")
+    with Recorder(net, tmp_path / "c.zarr", mode="raw", layers=["fc"], max_positions=5) as rec:
+        with pytest.raises(CaptureError, match=r"a call of 6 positions is longer than max_positions=5"):
+            net(long)
