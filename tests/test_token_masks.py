@@ -379,3 +379,36 @@ def test_longer_calls_need_max_positions_and_masks_start_late(tmp_path):
     with Recorder(net, tmp_path / "c.zarr", mode="raw", layers=["fc"], max_positions=5) as rec:
         with pytest.raises(CaptureError, match=r"a call of 6 positions is longer than max_positions=5"):
             net(long)
+
+
+def test_a_format_1_1_store_reads_and_its_sequences_have_no_mask(tmp_path):
+    """A store of minor version 1 (no mask arrays, no ``mask_array`` in its records) reads as before."""
+    import json
+    import shutil
+
+    from capture.format import ATTRS_KEY
+
+    net = Seq()
+    tape = MaskTape(None, {"fc": net.fc})
+    path, old = tmp_path / "run.zarr", tmp_path / "v1.1.zarr"
+    epochs = []
+    with Recorder(net, path, mode="raw", layers=["fc"]) as rec:
+        for _ in range(2):
+            tape.clear()
+            net(torch.randint(0, 16, (4, 5)))
+            net(torch.randint(0, 16, (4, 5)))
+            net.eval()
+            net(torch.randint(0, 16, (3, 5)))
+            net.train()
+            rec.end_epoch()
+            epochs.append(list(tape.seen))
+    tape.remove()
+    shutil.copytree(path, old)
+    root = json.loads((old / "zarr.json").read_text())
+    root["attributes"][ATTRS_KEY]["format_minor"] = 1
+    (old / "zarr.json").write_text(json.dumps(root))
+    rank = json.loads((old / "rank-00000" / "zarr.json").read_text())["attributes"][ATTRS_KEY]
+    assert rank["layers"] and all("mask_array" not in r for r in rank["layers"])  # records as 1.1 wrote them
+    run = open_run(old)
+    assert run.format_minor == 1 and run.layer("fc").mask_array is None and run.ranks[0].mask("fc") is None
+    assert_same_as_hooks([(old, {})], epochs, ["fc"])
