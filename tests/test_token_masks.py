@@ -412,3 +412,87 @@ def test_a_format_1_1_store_reads_and_its_sequences_have_no_mask(tmp_path):
     run = open_run(old)
     assert run.format_minor == 1 and run.layer("fc").mask_array is None and run.ranks[0].mask("fc") is None
     assert_same_as_hooks([(old, {})], epochs, ["fc"])
+
+
+class MeanHead(nn.Module):
+    """``forward(ids, attention_mask)``: embedding, a position-wise layer, the mean over tokens, a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(16, 6)
+        self.fc = nn.Linear(6, 5)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        weights = attention_mask.unsqueeze(-1).to(torch.float32)
+        return self.head((self.fc(self.embed(ids)) * weights).sum(1) / weights.sum(1))
+
+
+def padded_batch(g: torch.Generator, n: int, width: int = 6) -> dict[str, torch.Tensor]:
+    """Token ids and their right-padding ``attention_mask``: 1 to ``width`` tokens per sequence."""
+    lengths = torch.randint(1, width + 1, (n,), generator=g)
+    ids = torch.randint(0, 16, (n, width), generator=g)
+    return {"ids": ids, "attention_mask": (torch.arange(width) < lengths[:, None]).long()}
+
+
+def test_tokenwise_with_masks_in_the_tracker_the_cli_and_a_sweep(tmp_path):
+    """The drop-in tracker (default semantics), ``delve-analyze stats`` on its store and a sweep agree
+    with the masked numpy reference; delve's semantics refuse tokenwise."""
+    import pandas as pd
+    from conftest import invoke
+    from test_tracker import LONG
+
+    from analyze import AnalysisError, run_stats
+    from pipelines import SaturationTracker
+    from pipelines.sweep import sweep
+
+    net, g = MeanHead(), torch.Generator().manual_seed(3)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    layers = ("fc", "head")
+    tape = MaskTape(net, {n: getattr(net, n) for n in layers})
+    store, savefile = tmp_path / "run.zarr", tmp_path / "run"
+    stats = ["lsat", "trc"]
+    tracker = SaturationTracker(str(savefile), "csv", net, stats=stats, timeseries_method="tokenwise", store=store)
+    epochs = []
+    for epoch in range(2):
+        tape.clear()
+        for _ in range(3):
+            opt.zero_grad()
+            net(**padded_batch(g, 5)).square().mean().backward()
+            opt.step()
+        net.eval()
+        with torch.no_grad():
+            net(**padded_batch(g, 4))
+        net.train()
+        tracker.add_scalar("epoch", epoch)
+        tracker.add_saturations()
+        epochs.append(list(tape.seen))
+    tracker.close()
+    tape.remove()
+    want = {k: v for k, v in masked_table(epochs, layers, "tokenwise").items() if k[3] in stats}
+    assert len(want) == 2 * 2 * 2 * 2
+
+    csv = pd.read_csv(str(savefile) + ".csv", sep=";", index_col=0)
+    assert_close({k: float(csv.loc[k[0], f"{k[1]}-{LONG[k[3]]}_{k[2]}"]) for k in want}, want, rtol=1e-9)
+    assert open_run(store).layer("fc").mask_array  # the tracker's store keeps the masks of its raw rows
+
+    out = tmp_path / "cli"
+    args = ["--timeseries-method", "tokenwise", "--stats", ",".join(stats), "--no-plots", "--no-progress"]
+    for source in ("raw", "gram"):
+        result = invoke("stats", store, "-o", out / source, "--source", source, *args)
+        assert result.exit_code == 0, (result.stdout, result.stderr)
+        table = pd.read_csv(out / source / "stats.csv").query("stat in @stats")  # not the scalar 'epoch'
+        assert set(table["timeseries_method"].dropna()) == {"tokenwise"}
+        assert_close({(r.epoch, r.phase, r.layer, r.stat): r.value for r in table.itertuples()}, want)
+    table = sweep(
+        {"runs": [str(store)], "output": str(tmp_path / "sweep"), "timeseries_methods": ["tokenwise"],
+         "stats": stats, "thresholds": [0.99], "source": "raw", "plots": False},
+        progress=False,
+    ).query("stat in @stats")  # fmt: skip
+    assert_close({(r.epoch, r.phase, r.layer, r.stat): r.value for r in table.itertuples()}, want)
+
+    with pytest.raises(ValueError, match="timeseries_method: delve 0.1.50 has no 'tokenwise' method"):
+        SaturationTracker(str(tmp_path / "delve"), "csv", net, timeseries_method="tokenwise", semantics="delve-0.1.50")
+    with pytest.raises(AnalysisError, match="timeseries_methods.*delve 0.1.50 has no 'tokenwise'"):
+        run_stats(store, timeseries_methods=("tokenwise",), compat="delve-0.1.50", progress=False)
