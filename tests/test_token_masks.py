@@ -14,7 +14,6 @@ to 1e-10 relative.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +26,17 @@ transformers = pytest.importorskip("transformers")
 L = pytest.importorskip("lightning.pytorch")
 
 from _frameworks import (  # noqa: E402
+    MaskedCall,
+    MaskTape,
     assert_close,
+    masked_table,
     quiet_lightning,
     quiet_transformers,
-    reference_stats,
     table_of,
 )
 from _lightning_worker import trainer as lightning_trainer  # noqa: E402
 from test_huggingface import EpochSplit, Tokens, make_trainer, pad, tiny_bert, tiny_gpt2  # noqa: E402
+from test_lightning import EpochSplit as LightningEpochSplit  # noqa: E402
 
 from capture import CaptureError, Recorder, discover_layers, open_run  # noqa: E402
 from pipelines.huggingface import ActivationCapture as HFCapture  # noqa: E402
@@ -50,80 +52,6 @@ def _quiet() -> None:
     quiet_lightning()
 
 
-# -- the reference: plain hooks and numpy ------------------------------------------------------------------
-@dataclass
-class Seen:
-    name: str
-    training: bool
-    output: torch.Tensor
-    mask: torch.Tensor | None  # the attention mask of the model call the output belongs to
-
-
-class MaskTape:
-    """Every output of ``layers`` (plain forward hooks), with the mask of the current model call.
-
-    The mask is the model's ``attention_mask`` keyword (a plain pre-hook on ``root``) or, for a model
-    that does not receive it, what :meth:`set` was given last.
-    """
-
-    def __init__(self, root: nn.Module | None, layers: dict[str, nn.Module]) -> None:
-        self.seen: list[Seen] = []
-        self.mask: torch.Tensor | None = None
-        self.handles = [m.register_forward_hook(self._hook(n)) for n, m in layers.items()]
-        if root is not None:
-            self.handles.append(root.register_forward_pre_hook(self._take, with_kwargs=True))
-
-    def _take(self, module: nn.Module, args: Any, kwargs: Any) -> None:
-        self.mask = kwargs.get("attention_mask")
-
-    def set(self, mask: torch.Tensor | None) -> None:
-        self.mask = mask
-
-    def _hook(self, name: str) -> Any:
-        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            out = output[0] if isinstance(output, tuple) else output
-            mask = None if self.mask is None else self.mask.detach().clone()
-            self.seen.append(Seen(name, module.training, out.detach().clone(), mask))
-
-        return hook
-
-    def clear(self) -> None:
-        self.seen.clear()
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-def masked_matrix(seen: Seen, method: str) -> np.ndarray:
-    """The numpy sample matrix of one output: tokens only (``tokenwise``), or each sequence's last token."""
-    x = seen.output.to(torch.float64).numpy()
-    if x.ndim == 2:
-        return x
-    tokens = np.ones(x.shape[:2], dtype=bool) if seen.mask is None else seen.mask.numpy() != 0
-    if method == "tokenwise":
-        return x[tokens]
-    last = [np.flatnonzero(row)[-1] for row in tokens]
-    return x[np.arange(len(x)), last]
-
-
-def masked_table(
-    epochs: Sequence[Iterable[Seen]], layers: Iterable[str], method: str
-) -> dict[tuple[int, str, str, str], float]:
-    """The reference statistics, ``epochs[e]`` the outputs seen in epoch ``e``."""
-    out: dict[tuple[int, str, str, str], float] = {}
-    for epoch, seen in enumerate(epochs):
-        seen = list(seen)
-        for name in layers:
-            for phase, training in (("train", True), ("eval", False)):
-                calls = [s for s in seen if s.name == name and s.training == training]
-                if calls:
-                    x = np.concatenate([masked_matrix(s, method) for s in calls])
-                    for stat, value in reference_stats(x).items():
-                        out[(epoch, phase, name, stat)] = value
-    return out
-
-
 def assert_same_as_hooks(
     stores: list[tuple[Path, dict[str, Any]]], epochs: Any, layers: Iterable[str]
 ) -> None:
@@ -134,12 +62,12 @@ def assert_same_as_hooks(
             assert_close(table_of(store, timeseries_methods=(method,), **options), want)
 
 
-def without_masks(epochs: Sequence[Iterable[Seen]]) -> list[list[Seen]]:
+def without_masks(epochs: Sequence[Iterable[MaskedCall]]) -> list[list[MaskedCall]]:
     """The same outputs as if the model had been called without masks."""
-    return [[Seen(s.name, s.training, s.output, None) for s in epoch] for epoch in epochs]
+    return [[MaskedCall(s.name, s.training, s.output, None) for s in epoch] for epoch in epochs]
 
 
-def assert_raw_rows_and_masks(store: Path, seen: Iterable[Seen], layers: Iterable[str]) -> None:
+def assert_raw_rows_and_masks(store: Path, seen: Iterable[MaskedCall], layers: Iterable[str]) -> None:
     """The raw rows are the outputs padded to the stored positions; the stored masks the calls' masks."""
     part = open_run(store).ranks[0]
     seen = list(seen)
@@ -242,25 +170,14 @@ class TokenModule(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-class TapeMask(L.Callback):
-    """Hands each batch's mask to the reference tape, and splits it by training epoch."""
-
-    def __init__(self, tape: MaskTape) -> None:
-        self.tape = tape
-        self.epochs: list[list[Seen]] = []
-
-    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        self.tape.clear()
+class TapeMask(LightningEpochSplit):
+    """Splits the tape by training epoch, and hands it each batch's mask."""
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self.tape.set(batch["attention_mask"])
 
     def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any, *args: Any) -> None:
         self.tape.set(batch["attention_mask"])
-
-    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        self.epochs.append(list(self.tape.seen))
-        self.tape.clear()
 
 
 def test_lightning_takes_the_mask_from_the_batch(tmp_path):
