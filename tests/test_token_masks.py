@@ -413,3 +413,34 @@ def test_tokenwise_with_masks_in_the_tracker_the_cli_and_a_sweep(tmp_path):
         SaturationTracker(str(tmp_path / "delve"), "csv", net, timeseries_method="tokenwise", semantics="delve-0.1.50")
     with pytest.raises(AnalysisError, match="timeseries_methods.*delve 0.1.50 has no 'tokenwise'"):
         run_stats(store, timeseries_methods=("tokenwise",), compat="delve-0.1.50", progress=False)
+
+
+def test_similarity_compares_tokenwise_rows_and_refuses_masked_ones(tmp_path):
+    """Linear CKA of two position-wise layers' tokenwise rows equals numpy's; with stored masks
+    (padding in the raw rows) similarity refuses tokenwise rather than compare padding."""
+    from analyze import AnalysisError
+    from analyze.similarity_api import similarity
+
+    net = MeanHead()
+    tape = MaskTape(None, {"embed": net.embed, "fc": net.fc})
+    g = torch.Generator().manual_seed(5)
+    batches = [padded_batch(g, 4) for _ in range(3)]
+    for name, token_mask in (("plain", False), ("masked", None)):
+        with Recorder(net, tmp_path / f"{name}.zarr", mode="raw", layers=["embed", "fc"], token_mask=token_mask) as rec:
+            tape.clear()
+            with torch.no_grad():
+                for b in batches:
+                    net(**b)
+            rec.end_epoch()
+    tape.remove()
+    table = similarity(tmp_path / "plain.zarr", "cka", timeseries_methods=("tokenwise",), progress=False)
+    x, y = (
+        np.concatenate([c.output.double().numpy().reshape(-1, c.output.shape[-1]) for c in tape.seen if c.name == n])
+        for n in ("embed", "fc")
+    )
+    x, y = x - x.mean(0), y - y.mean(0)
+    cka = np.linalg.norm(x.T @ y) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
+    pair = table[(table["layer_a"] == "embed") & (table["layer_b"] == "fc")]
+    assert len(pair) == 1 and float(pair["value"].iloc[0]) == pytest.approx(cka, rel=1e-10)
+    with pytest.raises(AnalysisError, match=r"layer 'embed': its raw rows come with token masks"):
+        similarity(tmp_path / "masked.zarr", "cka", timeseries_methods=("tokenwise",), progress=False)
