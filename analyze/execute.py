@@ -218,7 +218,14 @@ def _layer_graph(plan: LayerPlan, misses: list[CovarianceKey], need: frozenset[s
                 if ranges:
                     groups[(e, p)] = ranges
             src, row_bytes = raw_source(
-                run.path, part, layer, plan.layout, plan.interpolation, plan.downsample, plan.device
+                run.path,
+                part,
+                layer,
+                plan.layout,
+                plan.interpolation,
+                plan.downsample,
+                plan.device,
+                masks=plan.masks,
             )
             per_rank.append(
                 raw_reduction_graph(src, groups, methods, task_bytes=task_bytes, row_bytes=row_bytes)
@@ -241,14 +248,18 @@ def raw_source(
     interpolation: str | None = None,
     downsample: int | None = None,
     device: str = "cpu",
+    *,
+    masks: bool = False,
 ) -> tuple[RawSource, int]:
     """The raw array of ``layer`` in one rank group of a run store, and the bytes of one stored row.
 
     ``layout``, ``interpolation``, ``downsample`` and ``device`` say how its rows become matrices
     (:func:`capture.reshape.to_matrix`); ``store`` is the run's path or URL, named with the layer in
     errors. The source carries the part's storage options: the task that reads opens the store.
+    ``masks``: apply the layer's stored token masks (if it has any).
     """
     rec, raw = part.layers[layer], part.raw(layer)
+    mask_path = f"{part.group.path}/{rec.mask_array}" if masks and rec.mask_array else None
     src = RawSource(
         store=store,
         array_path=f"{part.group.path}/{rec.raw_array}",
@@ -261,6 +272,7 @@ def raw_source(
         device=device,
         label=f"{store}: layer {layer!r}",
         storage_options=dict(part.storage_options),
+        mask_path=mask_path,
     )
     return src, int(np.prod(rec.sample_shape, dtype=np.int64)) * raw.dtype.itemsize
 

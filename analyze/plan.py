@@ -20,7 +20,7 @@ from analyze.cache import CovarianceCache, run_fingerprint
 from analyze.options import AnalysisError, AnalysisOptions, parse_epochs
 from analyze.result import LayerFailure, SpectrumKey
 from analyze.selection import Selection
-from capture.reshape import layout_of, matrix_width, methods_for_layout
+from capture.reshape import check_delve_methods, layout_of, masks_apply, matrix_width, methods_for_layout
 from capture.storage import is_url, options_for, recorded_location, redact_options
 from capture.store import RunInfo, open_run
 
@@ -92,7 +92,8 @@ class LayerPlan:
     """How one (run, layer) is analysed.
 
     ``source`` is ``"raw"`` (reduce the stored rows) or ``"gram"`` (merge stored moments);
-    ``methods`` are the reductions its layout needs; ``targets`` the covariances to compute.
+    ``methods`` are the reductions its layout needs; ``targets`` the covariances to compute;
+    ``masks``: the raw rows' stored token masks apply (see :func:`capture.reshape.matrix_source`).
     """
 
     run: RunInfo
@@ -106,6 +107,7 @@ class LayerPlan:
     downsample: int | None
     device: str
     targets: tuple[CovarianceTarget, ...]
+    masks: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -217,6 +219,11 @@ def plan_analysis(
         A missing or foreign store.
     """
     _check_device(options.device)
+    if options.delve_compat:
+        try:
+            check_delve_methods(options.timeseries_methods)
+        except ValueError as exc:
+            raise AnalysisError.invalid("timeseries_methods", str(exc).split(": ", 1)[1]) from None
     paths = [os.fspath(runs)] if isinstance(runs, str | os.PathLike) else [os.fspath(r) for r in runs]
     if not paths:
         raise AnalysisError.invalid("runs", "name at least one run store")
@@ -304,6 +311,13 @@ def _plan_layer(run_plan: RunPlan, layer: str, options: AnalysisOptions) -> Laye
     downsample = options.downsample if interp else None
     _check_width(run, layer, layout, methods, interp, downsample)
     selection = options.selection
+    # Stored token masks apply to raw rows (gram moments were masked in the hook); delve 0.1.50 has none.
+    masks = (
+        source == "raw"
+        and not options.delve_compat
+        and masks_apply(layout, methods)
+        and any(layer in p.layers and p.layers[layer].mask_array for p in run.ranks)
+    )
     targets = []
     for epoch in run_plan.epochs:
         for phase in options.phases:
@@ -325,6 +339,8 @@ def _plan_layer(run_plan: RunPlan, layer: str, options: AnalysisOptions) -> Laye
                     selection=selection.key(),
                     interpolation=interp,
                     downsample=downsample,
+                    # the cache keys of what no mask changes are those of format 1.1
+                    **({"masks": True} if masks and masks_apply(layout, [method]) else {}),
                 )
                 key = CovarianceKey(run_plan.name, layer, epoch, phase, method)
                 targets.append(CovarianceTarget(key, combos, cache_key))
@@ -340,4 +356,5 @@ def _plan_layer(run_plan: RunPlan, layer: str, options: AnalysisOptions) -> Laye
         downsample=downsample,
         device=options.device,
         targets=tuple(targets),
+        masks=masks,
     )

@@ -26,6 +26,7 @@ Blocks stored by the capture hook are merged in block order with
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -103,11 +104,21 @@ class RawSource:
     device: str = "cpu"
     label: str = ""
     storage_options: dict[str, Any] = field(default_factory=dict, hash=False, repr=False)
+    #: The token-mask array aligned with the rows (format 1.2), applied to the matrices; None: none.
+    mask_path: str | None = None
 
     def reader(self) -> RawChunks:
         return RawChunks(
             self.store, self.array_path, self.rows, self.chunk_rows, self.stored_dtype, self.storage_options
         )
+
+    def masks(self, chunk_lo: int, chunk_hi: int) -> np.ndarray | None:
+        """The token masks (bool) of the rows of store chunks ``[chunk_lo, chunk_hi)``; None without masks."""
+        if self.mask_path is None:
+            return None
+        reader = dataclasses.replace(self.reader(), array_path=self.mask_path, stored_dtype="uint8")
+        parts = [rows != 0 for _, _, rows in reader.chunks(chunk_lo, chunk_hi)]  # copies: buffers are reused
+        return np.concatenate(parts) if parts else None
 
 
 class ChunkReadError(RuntimeError):
@@ -150,17 +161,25 @@ def _tree_over_positions(leaves: dict[int, dict[Any, Partial]], lo: int, hi: int
     return _merge_dicts(left, right, inplace=True)
 
 
-def _device_moments(x: np.ndarray, method: str, src: RawSource) -> Partial:
+def _row_count(mat: Any, feature_major: bool) -> int:
+    """The rows of a matrix in its kernel layout (``(n, d)``, or ``(d, ...)`` when feature major)."""
+    return int(np.prod(mat.shape[1:])) if feature_major else int(mat.shape[0])
+
+
+def _device_moments(x: np.ndarray, method: str, src: RawSource, mask: np.ndarray | None) -> Partial | None:
     """Float64 moments of the matrix of ``x`` (rows of one group in one chunk) on ``src.device``.
 
     The torch form of the kernel (:func:`capture.moments.batch_moments`), one chunk at a time.
+    ``mask``: the rows' token masks. None when the matrix has no row (sequences without a token).
     """
     import torch
 
     t = torch.from_numpy(np.ascontiguousarray(x)).to(src.device)
     mat, feature_major = matrix_source(
-        t, src.layout, method, interpolation=src.interpolation, downsample=src.downsample
+        t, src.layout, method, interpolation=src.interpolation, downsample=src.downsample, mask=mask
     )
+    if _row_count(mat, feature_major) == 0:
+        return None
     n, mean, m2 = batch_moments(mat, feature_major)
     mean, m2 = mean.cpu().numpy(), m2.cpu().numpy()
     nonfinite = 0
@@ -202,6 +221,12 @@ class _LeafSums:
         return n, mean, m2, self.nonfinite
 
 
+def _rows(data: np.ndarray, spans: list[tuple[int, int]], first: int) -> np.ndarray:
+    """Rows ``[a, b)`` of each span of ``data`` (whose row 0 is row ``first``), one view if one span."""
+    parts = [data[a - first : b - first] for a, b in spans]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
 def _reduce_chunk_range(
     src: RawSource,
     chunk_lo: int,
@@ -221,8 +246,11 @@ def _reduce_chunk_range(
     sums: dict[int, dict[Any, _LeafSums]] = {}
     chunks = src.reader().chunks(chunk_lo, chunk_hi)
     with one_blas_thread():
+        masks = None
         while True:
             try:
+                if masks is None and src.mask_path is not None:
+                    masks = src.masks(chunk_lo, chunk_hi)
                 item = next(chunks, None)
             except Exception as exc:  # noqa: BLE001 - re-raised with its context
                 raise ChunkReadError(
@@ -235,17 +263,27 @@ def _reduce_chunk_range(
             chunk, c0, data = item
             c1 = c0 + len(data)
             for group, ranges in groups.items():
-                parts = [data[max(a, c0) - c0 : min(b, c1) - c0] for a, b in ranges if a < c1 and b > c0]
-                if not parts:
+                spans = [(max(a, c0), min(b, c1)) for a, b in ranges if a < c1 and b > c0]
+                if not spans:
                     continue
-                x = parts[0] if len(parts) == 1 else np.concatenate(parts)  # calls apart (a selection)
+                x = _rows(data, spans, c0)  # calls apart (a selection): concatenated
+                mask = None if masks is None else _rows(masks, spans, start)
                 for method in methods:
                     if src.device != "cpu":  # one chunk per leaf (leaf_chunks)
-                        leaves.setdefault(chunk, {})[(group, method)] = _device_moments(x, method, src)
+                        partial = _device_moments(x, method, src, mask)
+                        if partial is not None:
+                            leaves.setdefault(chunk, {})[(group, method)] = partial
                         continue
                     mat, feature_major = matrix_source(
-                        x, src.layout, method, interpolation=src.interpolation, downsample=src.downsample
+                        x,
+                        src.layout,
+                        method,
+                        interpolation=src.interpolation,
+                        downsample=src.downsample,
+                        mask=mask,
                     )
+                    if _row_count(mat, feature_major) == 0:  # sequences without a token
+                        continue
                     acc = sums.setdefault(chunk // leaf, {}).setdefault((group, method), _LeafSums())
                     acc.add(mat, feature_major, x)
         for position, accs in sums.items():

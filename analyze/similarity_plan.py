@@ -16,8 +16,11 @@ mismatch is a one-line :class:`analyze.AnalysisError` naming the items: the same
 per rank, recorded in calls of the same sizes, by the same forward calls for the layers of one
 run and epoch, and the same number of matrix rows per sample under the reshaping rules
 (``channelwise`` gives one row per position of a conv map, so it compares only maps of the same
-size). Ranks are separate sample
-sets: rank ``r`` of one item is compared with rank ``r`` of the others.
+size; ``tokenwise`` one row per position of a sequence, so it compares only sequences of the same
+length, e.g. two layers of one transformer). Ranks are separate sample sets: rank ``r`` of one
+item is compared with rank ``r`` of the others. Stored token masks (padding) are not applied
+here: a layer that has them is refused for the methods they change (``tokenwise``,
+``last_timestep``).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from analyze.plan import MAX_WIDTH, RunPlan, plan_analysis
 from analyze.selection import select_rows
 from analyze.similarity_measures import needs_of
 from capture.format import PHASES
-from capture.reshape import layout_of, matrix_width, to_matrix
+from capture.reshape import layout_of, masks_apply, matrix_width, to_matrix
 from capture.store import RankPart, RunInfo
 
 __all__ = [
@@ -170,6 +173,13 @@ def _check_raw(run: RunInfo, layer: str, options: AnalysisOptions) -> None:
         if layout == "sequence"
         else ("none",)
     )
+    masked = [m for m in methods if masks_apply(layout, [m])]
+    if masked and any(layer in p.layers and p.layers[layer].mask_array for p in run.ranks):
+        raise AnalysisError(
+            f"{run.path}: layer {layer!r}: its raw rows come with token masks (padding), which similarity "
+            f"does not apply (its {' and '.join(map(repr, masked))} rows would hold padding positions); "
+            "compare 'timestepwise', or record sequences without padding"
+        )
     interp = options.interpolation if layout == "conv" else None
     for method in methods:
         width = matrix_width(
@@ -188,7 +198,8 @@ def _rows_per_sample(
 ) -> int:
     """Matrix rows per recorded sample under the reshaping rules (``to_matrix`` of one zero sample).
 
-    One for the per-sample methods; the positions of a conv map for ``channelwise``.
+    One for the per-sample methods; the positions of a conv map for ``channelwise``, of a sequence
+    for ``tokenwise``.
     """
     one = np.zeros((1, *sample_shape), dtype=np.float32)
     return int(to_matrix(one, layout, method, interpolation=interpolation, downsample=downsample).shape[0])
@@ -248,7 +259,8 @@ def _check_rows(items: Sequence[Item], rows: Sequence[ItemRows], pairs: str) -> 
                 f"{first.method!r} gives {_describe(first)} {ref.rows_per_sample} rows per sample and "
                 f"{item.method!r} gives {_describe(item)} {got.rows_per_sample}; similarity compares rows that "
                 "correspond one to one: use a per-sample method (conv maps: mean, max, median, flatten; "
-                "sequences: last_timestep, timestepwise) or compare layers of one map size",
+                "sequences: last_timestep, timestepwise) or compare layers of one map size or sequence "
+                "length (channelwise, tokenwise)",
             )
         if got.samples != ref.samples:
             raise AnalysisError(

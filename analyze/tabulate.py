@@ -132,12 +132,18 @@ def _samples(plan: LayerPlan, epoch: int, phase: str, method: str) -> np.ndarray
         mask = (calls[:, 0] == epoch) & (calls[:, 1] == PHASES.index(phase)) & (calls[:, 2] == rec.index)
         sel = calls[mask]
         raw = part.raw(plan.layer)
+        masks = part.mask(plan.layer) if plan.masks else None
         for a, b in select_rows(sel[:, 3], sel[:, 4], sel[:, 5], plan.selection):
             x = decode_stored(np.asarray(raw.array[a:b]), raw.stored_dtype)
             if x.dtype == np.float16:  # reduce as the covariance did (analyze.reduce)
                 x = x.astype(np.float32)
             mat = to_matrix(
-                x, plan.layout, method, interpolation=plan.interpolation, downsample=plan.downsample
+                x,
+                plan.layout,
+                method,
+                interpolation=plan.interpolation,
+                downsample=plan.downsample,
+                mask=None if masks is None else masks.read(a, b),
             )
             mats.append(np.asarray(mat, dtype=np.float64)[:budget])
             budget -= len(mats[-1])

@@ -1,4 +1,4 @@
-"""The run store format, version 1: names, columns, options and version checks.
+"""The run store format, version 1 (minor 2): names, columns, options and version checks.
 
 This module is the contract between capture and analysis; ``docs/store-format.md``
 documents it. Anything that changes how an existing store must be read raises
@@ -43,12 +43,14 @@ __all__ = [
 FORMAT_NAME = "delve-pipeline.run"
 FORMAT_VERSION = 1
 #: Minor version written by this package; a store without ``format_minor`` is minor 0.
-FORMAT_MINOR = 1
+FORMAT_MINOR = 2
 #: What each minor version of major version 1 added (``docs/store-format.md``, *Versioning*).
 MINOR_FEATURES = {
     0: "the first format",
     1: "a crc32c checksum behind every chunk of every array; the root group is written once, "
     "at creation (no 'model' attribute: it is derived from the rank groups)",
+    2: "token masks: a sequence layer whose calls had a token mask (padding) keeps it in a 'mask' "
+    "array next to its raw outputs, one row per raw row (its record's 'mask_array')",
 }
 #: Key under which this package keeps its attributes in every group it writes.
 ATTRS_KEY = "delve_pipeline"
@@ -200,9 +202,12 @@ class LayerRecord:
     raw_array: str | None = None
     chunk_rows: int | None = None
     gram: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Path of the token-mask array ``(rows, positions)`` uint8 aligned with the raw rows (format 1.2;
+    #: None: every stored position is a token).
+    mask_array: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "name": self.name,
             "index": self.index,
             "type": self.type,
@@ -215,6 +220,9 @@ class LayerRecord:
             "chunk_rows": self.chunk_rows,
             "gram": self.gram,
         }
+        if self.mask_array is not None:  # absent without masks: such a record reads as in format 1.1
+            out["mask_array"] = self.mask_array
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LayerRecord:
@@ -230,4 +238,5 @@ class LayerRecord:
             raw_array=d.get("raw_array"),
             chunk_rows=d.get("chunk_rows"),
             gram=dict(d.get("gram") or {}),
+            mask_array=d.get("mask_array"),
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -10,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from capture.format import (
@@ -34,6 +36,7 @@ from capture.reshape import (
     methods_for_layout,
     resizes,
     to_matrix,
+    token_mask_of,
 )
 from capture.store_writer import LayerRecord, RunStoreWriter, make_compressors
 from capture.writer import BackgroundWriter, WriterError
@@ -64,8 +67,8 @@ def _too_wide(path: str, name: str, method: str, width: int, layout: str, shape:
             "columns"
         )
         hint = (
-            "use timeseries_methods=('last_timestep',) (one row per sequence), or leave the layer out with "
-            "layers= / ignore="
+            "use timeseries_methods=('tokenwise',) (one row per token) or ('last_timestep',) (one row per "
+            "sequence), or leave the layer out with layers= / ignore="
         )
     elif layout == "conv":
         hint = "use mode='raw', another conv method, or interpolation with a smaller downsample"
@@ -82,6 +85,20 @@ def _check_positive_int(value: Any, argument: str, allow_none: bool = False) -> 
         return
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{argument}: must be a positive integer, got {value!r}")
+
+
+def _mask_position(root: nn.Module) -> int | None:
+    """Position of the ``attention_mask`` parameter among the positional arguments of ``root.forward``."""
+    try:
+        parameters = list(inspect.signature(root.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    for i, p in enumerate(parameters):
+        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            return None
+        if p.name == "attention_mask":
+            return i
+    return None
 
 
 @dataclass(frozen=True, eq=False)
@@ -145,6 +162,8 @@ def _check_arguments(
     call_counters: Mapping[str, int] | None,
     on_error: str,
     path: Any,
+    token_mask: Any = None,
+    max_positions: int | None = None,
 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Refuse a bad :class:`Recorder` argument with a message naming it; the methods as tuples."""
     if mode not in MODES:
@@ -171,6 +190,11 @@ def _check_arguments(
     _check_positive_int(gram_block_rows, "gram_block_rows")
     _check_positive_int(chunk_bytes, "chunk_bytes")
     _check_positive_int(max_queue_bytes, "max_queue_bytes")
+    _check_positive_int(max_positions, "max_positions", allow_none=True)
+    if token_mask is not None and token_mask is not False and not callable(token_mask):
+        raise ValueError(
+            f"token_mask: must be a callable returning the current call's mask, False or None, got {token_mask!r}"
+        )
     if on_error not in ("raise", "warn"):
         raise ValueError(f"on_error: must be 'raise' or 'warn', got {on_error!r}")
     make_compressors(compression, 4)  # validates the name
@@ -257,6 +281,20 @@ class Recorder:
         Options of a URL's filesystem (for ``s3://``, s3fs's ``endpoint_url``, ``key``, ``secret``,
         ...; without them the usual ``AWS_*`` environment variables and files apply). See
         :func:`capture.storage.open_store`.
+    token_mask : callable, False or None
+        Where the token mask of a forward call comes from: ``(batch, positions)``, 1 (true) for a
+        token and 0 (false) for padding, the Hugging Face ``attention_mask``. None (default): the
+        ``attention_mask`` argument of each call of the model (``modules`` given as one module), else
+        the mask :meth:`set_token_mask` set. A callable: ``token_mask()`` returns the mask of the
+        current forward call, or None (a model whose root does not receive it). False: no masks.
+        A mask applies to every sequence layer whose output has its (batch, positions) shape:
+        ``tokenwise`` leaves the padding out and ``last_timestep`` takes each sample's last token, in
+        the hook (gram) and in the analysis (raw stores keep the mask with the rows). A sequence
+        layer of another shape gets no mask, with one warning.
+    max_positions : int, optional
+        Store raw sequence outputs with this many positions, for batches padded to varying lengths:
+        a shorter call is padded with zeros that its stored mask marks as padding. Default: the
+        length of the layer's first call (a longer call later is refused).
 
     Examples
     --------
@@ -304,6 +342,8 @@ class Recorder:
         on_batch: Callable[[str, str, str, torch.Tensor], None] | None = None,
         on_block: Callable[[GramBlock], None] | None = None,
         storage_options: dict[str, Any] | None = None,
+        token_mask: Callable[[], Any] | bool | None = None,
+        max_positions: int | None = None,
     ) -> None:
         conv_methods, timeseries_methods = _check_arguments(
             mode=mode,
@@ -324,6 +364,8 @@ class Recorder:
             call_counters=call_counters,
             on_error=on_error,
             path=path,
+            token_mask=token_mask,
+            max_positions=max_positions,
         )
         self.layers = discover_layers(
             modules, layer_filter=layer_filter, layers=layers, ignore=ignore, layer_types=layer_types
@@ -359,6 +401,8 @@ class Recorder:
         self._device = None if device is None else torch.device(device)
         self._on_batch = on_batch
         self._on_block = on_block
+        self._token_mask = token_mask
+        self._max_positions = None if max_positions is None else int(max_positions)
         # While the hook runs the training waits: its other core can take half of a long product.
         self._helper = helper_thread() if torch.get_num_threads() > 1 else None
         self._store: RunStoreWriter | None = None
@@ -383,6 +427,8 @@ class Recorder:
         self._handles = [
             module.register_forward_hook(self._make_hook(name)) for name, module in self.layers.items()
         ]
+        if isinstance(modules, nn.Module) and token_mask is None:
+            self._hook_root(modules)
 
     def _start_state(self, resume_epoch: int | None, call_counters: Mapping[str, int] | None) -> None:
         """Where recording starts: the epoch, delve's call counters, the layers a resumed store has."""
@@ -410,6 +456,12 @@ class Recorder:
         self._disabled = False
         self._called: set[tuple[str, bool]] = set()  # (layer, training) called while recording, this epoch
         self._warned_uncalled: set[str] = set()
+        # token masks: of the root's current call, set by set_token_mask; raw layers keeping masks
+        self._call_mask: Any = None
+        self._set_mask: Any = None
+        self._mask_layers = {n for n, r in self._records.items() if r.mask_array}
+        self._mask_cache: tuple[Any, Any] = (None, None)  # the last mask given, as a bool tensor
+        self._warned_mask: set[str] = set()
 
     # -- public API ----------------------------------------------------------------------------
     @property
@@ -433,6 +485,15 @@ class Recorder:
     def resume(self) -> None:
         """Continue recording after :meth:`stop`."""
         self._recording = True
+
+    def set_token_mask(self, mask: Any) -> None:
+        """The token mask of the forward calls that follow, until another one (None: no mask).
+
+        ``(batch, positions)``, 1 / true for a token, 0 / false for padding. For a model whose root
+        module does not receive the mask (the Lightning callback sets each batch's); an
+        ``attention_mask`` argument of the model's call takes precedence while that call runs.
+        """
+        self._set_mask = mask
 
     def flush(self) -> None:
         """Wait until everything recorded so far has been written to the store.
@@ -613,6 +674,13 @@ class Recorder:
         stored_shape = sample_shape
         if layout == "conv" and resizes(sample_shape[1:], opts.interpolation, opts.downsample):
             stored_shape = (sample_shape[0], *([opts.downsample] * (len(sample_shape) - 1)))
+        if layout == "sequence" and self._raw and self._max_positions is not None:
+            if sample_shape[0] > self._max_positions:
+                raise CaptureError(
+                    f"{self.path}: layer {name!r}: a call of {sample_shape[0]} positions is longer than "
+                    f"max_positions={self._max_positions}"
+                )
+            stored_shape = (self._max_positions, *sample_shape[1:])
         rec = LayerRecord(
             name=name,
             index=len(self._records),
@@ -668,21 +736,10 @@ class Recorder:
             rec = self._register(name, module, x)
         if x.dim() >= 3 and rec.layout == "conv":
             x = interpolate_maps(x, opts.interpolation, opts.downsample)
+        mask = self._mask_of(name, out, rows) if rec.layout == "sequence" else None
         shape = tuple(x.shape[1:])
-        if shape != rec.sample_shape and (
-            # raw rows need one shape; moments only need the matrix widths (channelwise maps of any
-            # size, last_timestep of sequences of any length)
-            self._raw
-            or any(
-                matrix_width(shape, rec.layout, m) != matrix_width(rec.sample_shape, rec.layout, m)
-                for m in self._gram_methods[name]
-            )
-        ):
-            raise CaptureError(
-                f"{self.path}: layer {name!r}: output shape per sample changed from {rec.sample_shape} to "
-                f"{shape}; record such a layer with a separate Recorder, or in mode='gram' with a reduction "
-                "whose width does not depend on it (channelwise, mean, max, median, last_timestep)"
-            )
+        if shape != rec.sample_shape:
+            self._check_shape(name, rec, shape)
         if not self._epoch_open:
             epoch = self.epoch
             self._submit(lambda: self._store.open_epoch(epoch), 0, "opening the epoch")
@@ -691,13 +748,118 @@ class Recorder:
         if self._raw:
             first_row = self._next_raw_row[name]
             self._next_raw_row[name] = first_row + rows
-            self._queue_raw(name, x)
+            stored_mask = self._stored_mask(name, rec, x, mask)
+            if stored_mask is not None and x.shape[1] < rec.sample_shape[0]:  # a shorter padded batch
+                x_raw = F.pad(x, (0, 0, 0, rec.sample_shape[0] - x.shape[1]))
+            else:
+                x_raw = x
+            self._queue_raw(name, x_raw, stored_mask)
         nonfinite = -1
         if self._gram:
-            nonfinite = self._accumulate(name, rec, phase, count, x)
+            nonfinite = self._accumulate(name, rec, phase, count, x, mask)
         self._calls.append((self.epoch, PHASES.index(phase), rec.index, count, first_row, rows, nonfinite))
 
-    def _queue_raw(self, name: str, x: torch.Tensor) -> None:
+    def _check_shape(self, name: str, rec: LayerRecord, shape: tuple[int, ...]) -> None:
+        """Refuse an output whose shape per sample differs from the layer's first, unless it fits.
+
+        Raw rows need one shape, except a shorter sequence (stored padded, its padding masked);
+        moments only need the matrix widths (channelwise maps of any size, last_timestep and
+        tokenwise of sequences of any length).
+        """
+        stored = rec.sample_shape
+        sequence = rec.layout == "sequence" and len(shape) == len(stored) == 2 and shape[1] == stored[1]
+        raw_fits = not self._raw or (sequence and shape[0] < stored[0])
+        widths_fit = all(
+            matrix_width(shape, rec.layout, m) == matrix_width(stored, rec.layout, m)
+            for m in self._gram_methods[name]
+        )
+        if raw_fits and widths_fit:
+            return
+        if self._raw and sequence and shape[0] > stored[0]:
+            raise CaptureError(
+                f"{self.path}: layer {name!r}: a call of {shape[0]} positions is longer than the {stored[0]} its "
+                "raw rows hold; pass max_positions= the longest sequence length (shorter calls are stored "
+                "padded, their padding masked), or pad every batch to one length"
+            )
+        raise CaptureError(
+            f"{self.path}: layer {name!r}: output shape per sample changed from {stored} to "
+            f"{shape}; record such a layer with a separate Recorder, or in mode='gram' with a reduction "
+            "whose width does not depend on it (channelwise, mean, max, median, last_timestep, tokenwise)"
+        )
+
+    def _mask_of(self, name: str, out: torch.Tensor, rows: int) -> torch.Tensor | None:
+        """The token mask of this call for a sequence layer's output ``out`` (its first ``rows`` samples).
+
+        None without a mask, or (with one warning per layer) when the output's (batch, positions)
+        are not the mask's shape.
+        """
+        given = self._current_mask()
+        if given is None:
+            return None
+        if self._mask_cache[0] is not given:
+            self._mask_cache = (given, token_mask_of(given))
+        mask = self._mask_cache[1]
+        if out.dim() == 3 and tuple(mask.shape) == tuple(out.shape[:2]):
+            return mask[:rows]
+        if name not in self._warned_mask:
+            self._warned_mask.add(name)
+            warnings.warn(
+                f"{self.path}: layer {name!r}: its output {tuple(out.shape)} does not have the token mask's "
+                f"(batch, positions) shape {tuple(mask.shape)}: no mask is applied to it (every position of "
+                "it counts as a token)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return None
+
+    def _current_mask(self) -> Any:
+        """The token mask of the current forward call, as given (None: none)."""
+        source = self._token_mask
+        if source is False:
+            return None
+        if source is not None:
+            return source()
+        return self._call_mask if self._call_mask is not None else self._set_mask
+
+    def _stored_mask(
+        self, name: str, rec: LayerRecord, x: torch.Tensor, mask: torch.Tensor | None
+    ) -> np.ndarray | None:
+        """The uint8 mask rows that go with a raw call of a sequence layer, None if it keeps no masks.
+
+        A layer keeps masks from its first call with a mask, or shorter than its stored positions
+        (the positions added are padding); its array is created then (its earlier rows: all tokens).
+        """
+        if rec.layout != "sequence":
+            return None
+        positions = rec.sample_shape[0]
+        if mask is None and x.shape[1] == positions and name not in self._mask_layers:
+            return None
+        if name not in self._mask_layers:
+            self._mask_layers.add(name)
+            store = self._store
+            self._submit(lambda: store.add_mask(name), 0, f"layer {name!r}: creating its mask array")
+        rows = np.zeros((x.shape[0], positions), dtype=np.uint8)
+        rows[:, : x.shape[1]] = 1 if mask is None else mask.cpu().numpy()
+        return rows
+
+    def _hook_root(self, root: nn.Module) -> None:
+        """Take the ``attention_mask`` argument of each call of the model (hooks on its root module)."""
+        position = _mask_position(root)
+
+        def take(module: nn.Module, args: Any, kwargs: Any) -> None:
+            mask = kwargs.get("attention_mask")
+            if mask is None and position is not None and len(args) > position:
+                mask = args[position]
+            self._call_mask = mask if isinstance(mask, (torch.Tensor, np.ndarray)) else None
+
+        def drop(module: nn.Module, args: Any, output: Any) -> None:
+            self._call_mask = None
+
+        # after the layers' hooks: the root's own recording hook, if any, still sees the mask
+        self._handles.append(root.register_forward_pre_hook(take, with_kwargs=True))
+        self._handles.append(root.register_forward_hook(drop, always_call=True))
+
+    def _queue_raw(self, name: str, x: torch.Tensor, mask: np.ndarray | None = None) -> None:
         target = _TORCH_DTYPES[self.options.dtype]
         pool: list[torch.Tensor] | None = None
         if x.is_cuda:
@@ -724,7 +886,7 @@ class Recorder:
                 if threads > 1:
                     torch.set_num_threads(threads)
             event = None
-        nbytes = host.numel() * host.element_size()
+        nbytes = host.numel() * host.element_size() + (0 if mask is None else mask.nbytes)
         store = self._store
 
         def task() -> None:
@@ -735,30 +897,45 @@ class Recorder:
             else:
                 arr = host.numpy()
             store.write_raw(name, arr)  # the store keeps no reference to ``arr`` once it returns
+            if mask is not None:
+                store.write_mask(name, mask)
             if pool is not None and len(pool) < 2:
                 pool.append(host)
 
         self._submit(task, nbytes, f"layer {name!r}: raw write")
 
-    def _accumulate(self, name: str, rec: LayerRecord, phase: str, call: int, x: torch.Tensor) -> int:
-        """Add the call's matrices to the blocks of its methods; returns its non-finite rows."""
+    def _accumulate(
+        self, name: str, rec: LayerRecord, phase: str, call: int, x: torch.Tensor, mask: torch.Tensor | None
+    ) -> int:
+        """Add the call's matrices (``mask``: its token mask) to the blocks of its methods; its non-finite rows."""
         nonfinite = 0
         # One BLAS thread: a threaded BLAS pool next to torch's own pool steals the training's
         # cores (its threads spin after each product); see bench/README.md.
         with one_blas_thread():
             for method in self._gram_methods[name]:
-                nonfinite = max(nonfinite, self._add_call(name, rec.layout, method, phase, call, x))
+                nonfinite = max(nonfinite, self._add_call(name, rec.layout, method, phase, call, x, mask))
         for method in self._gram_methods[name]:
             if self._acc[(phase, name, method)].sample_rows >= self.options.gram_block_rows:
                 self._flush_block((phase, name, method), final=False)
         return nonfinite
 
-    def _add_call(self, name: str, layout: str, method: str, phase: str, call: int, x: torch.Tensor) -> int:
+    def _add_call(
+        self,
+        name: str,
+        layout: str,
+        method: str,
+        phase: str,
+        call: int,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> int:
         # The method's matrix in its preferred layout, a view of the output where it can be
         # (channelwise: (C, N, positions)); the kernels cast it to float64 slab by slab.
-        mat, feature_major = matrix_source(x, layout, method)
+        mat, feature_major = matrix_source(x, layout, method, mask=mask)
+        if mask is not None and mat.shape[0] == 0:  # last_timestep of sequences without a token
+            return 0
         if self._on_batch is not None:
-            self._on_batch(phase, name, method, to_matrix(x, layout, method))
+            self._on_batch(phase, name, method, to_matrix(x, layout, method, mask=mask))
         if self._device is not None and mat.device != self._device:
             mat = mat.to(self._device)
         key = (phase, name, method)

@@ -12,7 +12,7 @@ Every recorded output is one of three layouts:
     ``max``, ``median``, ``flatten``), after an optional interpolation.
 ``sequence``
     ``(N, T, U)``: reduced by a *time-series method* (``last_timestep``,
-    ``timestepwise``).
+    ``timestepwise``, ``tokenwise``).
 ``flat``
     ``(N, D)``: used as is.
 
@@ -26,6 +26,14 @@ Each method is one :class:`MatrixMethod` entry of :data:`METHODS`: its matrix fu
 rule and its preferred layout for the moment products. :data:`CONV_METHODS` and
 :data:`TIMESERIES_METHODS` are the name views that the options, the command line and the error
 messages list.
+
+Token masks
+-----------
+A sequence output may come with a token mask ``(N, T)`` (true: a token, false: padding; the
+``attention_mask`` of a Hugging Face model). A method that knows what padding means for it has a
+``masked`` function: ``tokenwise`` leaves padding positions out of its rows, ``last_timestep``
+takes each sample's last token (a sample without any token gives no row). ``timestepwise`` keeps
+every position (its columns are positions), and conv and flat outputs have no positions.
 """
 
 from __future__ import annotations
@@ -54,9 +62,12 @@ __all__ = [
     "resizes",
     "matrix_source",
     "to_matrix",
+    "token_mask_of",
+    "masks_apply",
     "matrix_width",
     "check_conv_method",
     "check_timeseries_method",
+    "check_delve_methods",
     "check_interpolation",
 ]
 
@@ -85,6 +96,12 @@ class MatrixMethod:
         left out; conv maps already resized).
     feature_major : bool
         Whether :attr:`rows` gives the feature-major layout (the products read it without a copy).
+    masked : callable, optional
+        ``masked(x, mask)`` of a sequence output ``(N, T, U)`` and its token mask ``(N, T)`` (bool,
+        true for a token): the sample-major matrix without the padding positions. None: the
+        method ignores token masks.
+    delve : bool
+        Whether delve 0.1.50 has the method (its semantics, ``"delve-0.1.50"``, refuse the others).
     """
 
     name: str
@@ -92,6 +109,8 @@ class MatrixMethod:
     rows: Callable[[torch.Tensor], torch.Tensor]
     width: Callable[[tuple[int, ...]], int]
     feature_major: bool = False
+    masked: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    delve: bool = True
 
 
 def _tensor(x: np.ndarray) -> torch.Tensor:
@@ -150,6 +169,23 @@ def _last_timestep(x: torch.Tensor) -> torch.Tensor:
     return x[:, -1, :]
 
 
+def _last_token(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each sample's output at its last token (``mask`` true); a sample without a token gives no row."""
+    mask = mask.to(x.device)
+    positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+    last = (mask * positions).argmax(dim=1)  # the largest position holding a token (0 when none)
+    has = mask.any(dim=1)
+    return x[torch.arange(x.shape[0], device=x.device)[has], last[has]]
+
+
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])  # (N * T, U): each position of each sequence is a row
+
+
+def _real_tokens(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return x[mask.to(x.device)]  # (tokens, U), in sample order then position order
+
+
 #: layout -> method name -> entry. Adding a method is one entry here (and its tests).
 METHODS: dict[str, dict[str, MatrixMethod]] = {
     "conv": {
@@ -165,8 +201,9 @@ METHODS: dict[str, dict[str, MatrixMethod]] = {
     "sequence": {
         m.name: m
         for m in (
-            MatrixMethod("last_timestep", "sequence", _last_timestep, _last_axis),
+            MatrixMethod("last_timestep", "sequence", _last_timestep, _last_axis, masked=_last_token),
             MatrixMethod("timestepwise", "sequence", _per_sample, _features),
+            MatrixMethod("tokenwise", "sequence", _tokens, _last_axis, masked=_real_tokens, delve=False),
         )
     },
     "flat": {FLAT_METHOD: MatrixMethod(FLAT_METHOD, "flat", _per_sample, _features)},
@@ -222,6 +259,39 @@ def method_entry(layout: str, method: str = FLAT_METHOD) -> MatrixMethod:
     if layout == "flat":
         return METHODS["flat"][FLAT_METHOD]
     raise ValueError(f"unknown layout {layout!r}; valid values are: {', '.join(LAYOUTS)}")
+
+
+def masks_apply(layout: str, methods: Any) -> bool:
+    """Whether a token mask changes the matrix of any of ``methods`` for an output of ``layout``.
+
+    Examples
+    --------
+    >>> masks_apply("sequence", ["timestepwise"]), masks_apply("sequence", ["tokenwise"])
+    (False, True)
+    """
+    if layout != "sequence":
+        return False
+    return any(method_entry(layout, m).masked is not None for m in methods)
+
+
+def check_delve_methods(methods: Any, argument: str = "timeseries_methods") -> None:
+    """Refuse a time-series method delve 0.1.50 does not have (under its semantics), naming ``argument``.
+
+    Examples
+    --------
+    >>> check_delve_methods(["last_timestep"])
+    >>> check_delve_methods(["tokenwise"], "timeseries_method")
+    Traceback (most recent call last):
+    ...
+    ValueError: timeseries_method: delve 0.1.50 has no 'tokenwise' method (it has last_timestep, timestepwise); use the default semantics for it
+    """
+    ours = [m for m in methods if not TIMESERIES_METHODS[check_timeseries_method(m, argument)].delve]
+    if ours:
+        theirs = ", ".join(m for m, e in TIMESERIES_METHODS.items() if e.delve)
+        raise ValueError(
+            f"{argument}: delve 0.1.50 has no {ours[0]!r} method (it has {theirs}); use the default "
+            "semantics for it"
+        )
 
 
 def check_interpolation(mode: str | None, size: int | None) -> None:
@@ -305,6 +375,18 @@ def interpolate_maps(x: torch.Tensor, mode: str | None, size: int | None) -> tor
     return F.interpolate(x, size=size, mode=mode)
 
 
+def token_mask_of(mask: Any) -> torch.Tensor:
+    """A token mask as a bool tensor (true: a token): from a tensor or array of 0 / 1 or bools.
+
+    Examples
+    --------
+    >>> token_mask_of(np.array([[1, 1, 0]], dtype=np.uint8))
+    tensor([[ True,  True, False]])
+    """
+    t = _tensor(np.asarray(mask)) if not isinstance(mask, torch.Tensor) else mask
+    return t if t.dtype == torch.bool else t != 0
+
+
 def matrix_source(
     x: Any,
     layout: str,
@@ -312,11 +394,14 @@ def matrix_source(
     *,
     interpolation: str | None = None,
     downsample: int | None = None,
+    mask: Any = None,
 ) -> tuple[Any, bool]:
     """The sample matrix of one output in its method's preferred layout, for the moment kernels.
 
     Returns ``(matrix, feature_major)``: ``(n, d)``, or ``(d, a, b)`` when ``feature_major`` (see
     :class:`MatrixMethod`); a view of ``x`` where the method allows. A numpy input gives numpy.
+    ``mask``: the token mask ``(N, T)`` of a sequence output (see *Token masks* above), applied
+    by the methods that know one; None: every position is a token.
 
     Examples
     --------
@@ -324,14 +409,20 @@ def matrix_source(
     >>> m, fm = matrix_source(x, "conv", "channelwise")
     >>> m.shape, fm, bool(np.shares_memory(m, x))
     ((3, 2, 20), True, True)
+    >>> seq, mask = np.zeros((2, 3, 4), dtype=np.float32), np.array([[1, 1, 0], [1, 0, 0]])
+    >>> matrix_source(seq, "sequence", "tokenwise", mask=mask)[0].shape
+    (3, 4)
     """
     entry = method_entry(layout, method)
     as_numpy = isinstance(x, np.ndarray)
     t = _tensor(x) if as_numpy else x
     if layout == "conv":
         t = interpolate_maps(t, interpolation, downsample)
-    out = entry.rows(t)
-    return (out.numpy() if as_numpy else out), entry.feature_major
+    if mask is not None and entry.masked is not None:
+        out, feature_major = entry.masked(t, token_mask_of(mask)), False
+    else:
+        out, feature_major = entry.rows(t), entry.feature_major
+    return (out.numpy() if as_numpy else out), feature_major
 
 
 def to_matrix(
@@ -342,6 +433,7 @@ def to_matrix(
     interpolation: str | None = None,
     downsample: int | None = None,
     feature_major: bool = False,
+    mask: Any = None,
 ) -> Any:
     """Turn one recorded output into its 2-D sample matrix.
 
@@ -357,16 +449,23 @@ def to_matrix(
         Resize conv maps first (``torch.nn.functional.interpolate`` mode and target size).
     feature_major : bool
         Return ``(d, n)`` instead of ``(n, d)``.
+    mask : tensor or array, optional
+        The token mask ``(N, T)`` of a sequence output (true / 1: a token, false / 0: padding).
 
     Examples
     --------
     >>> x = np.arange(2 * 3 * 2 * 2, dtype=np.float32).reshape(2, 3, 2, 2)
     >>> to_matrix(x, "conv", "channelwise").shape, to_matrix(x, "conv", "mean").shape
     ((8, 3), (2, 3))
+    >>> seq = np.arange(2 * 3, dtype=np.float32).reshape(2, 3, 1)
+    >>> to_matrix(seq, "sequence", "last_timestep", mask=np.array([[1, 1, 0], [1, 1, 1]])).ravel()
+    array([1., 5.], dtype=float32)
     """
     as_numpy = isinstance(x, np.ndarray)
     t = _tensor(np.ascontiguousarray(x)) if as_numpy else x
-    out, preferred = matrix_source(t, layout, method, interpolation=interpolation, downsample=downsample)
+    out, preferred = matrix_source(
+        t, layout, method, interpolation=interpolation, downsample=downsample, mask=mask
+    )
     if preferred:
         out = out.reshape(out.shape[0], -1)
     if preferred != feature_major:

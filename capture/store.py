@@ -494,6 +494,18 @@ class RankPart:
             self.group[rec.raw_array], rows, rec.stored_dtype or "float32", self.store, self.storage_options
         )
 
+    def mask(self, layer: str) -> RawArray | None:
+        """The layer's token masks (format 1.2): ``(rows, positions)`` uint8 row for row with :meth:`raw`.
+
+        1 marks a token, 0 padding. None when none of the layer's calls had a mask (every position
+        is a token).
+        """
+        rec = self.layers[layer]
+        if not rec.mask_array:
+            return None
+        rows = int(self.state["committed"]["raw_rows"].get(layer, 0))
+        return RawArray(self.group[rec.mask_array], rows, "uint8")
+
     def gram(self, layer: str, method: str) -> GramBlocks:
         rec = self.layers[layer]
         if method not in rec.gram:

@@ -1,4 +1,4 @@
-"""Writing one process's part of a run store (format version 1.1), on a local disk or object storage.
+"""Writing one process's part of a run store (format version 1.2), on a local disk or object storage.
 
 Only the background writer thread calls these methods once a run is open. Data
 arrays are preallocated and grown geometrically; what is valid is what the
@@ -10,7 +10,9 @@ reads back exactly.
 Each process writes only below its own ``rank-NNNNN`` prefix, through a zarr store
 rooted there (zarr then never writes the run's root metadata for it); the root
 group is written once, by whichever process creates the store, and never again.
-Every chunk of every array ends with a crc32c checksum (``capture/checksum.py``).
+Every chunk of every array ends with a crc32c checksum (``capture/checksum.py``). A sequence
+layer whose calls had a token mask keeps it in a ``mask`` array aligned with its raw rows
+(format 1.2).
 """
 
 from __future__ import annotations
@@ -301,12 +303,14 @@ class RunStoreWriter:
         committed = self.state["committed"]
         self._calls = self._open_calls(int(committed["calls"]))
         self._raw: dict[str, _RawSink] = {}
+        self._masks: dict[str, _RawSink] = {}  # token masks, row for row with the raw sinks
         self._gram: dict[str, dict[str, _GrowingArray]] = {}
         for rec in self.layers.values():
             if rec.raw_array:
-                self._raw[rec.name] = self._sink(
-                    self.group[rec.raw_array], int(committed["raw_rows"][rec.name])
-                )
+                rows = int(committed["raw_rows"][rec.name])
+                self._raw[rec.name] = self._sink(self.group[rec.raw_array], rows)
+                if rec.mask_array:
+                    self._masks[rec.name] = self._sink(self.group[rec.mask_array], rows)
             for method, info in rec.gram.items():
                 key = f"{rec.name}/{method}"
                 blocks = int(committed["gram_blocks"].get(key, 0))
@@ -320,7 +324,7 @@ class RunStoreWriter:
 
     def _growing(self) -> list[_GrowingArray]:
         """Every array of this rank that grows."""
-        out = [self._calls, *(sink.grow for sink in self._raw.values())]
+        out = [self._calls, *(sink.grow for sink in (*self._raw.values(), *self._masks.values()))]
         return out + [g for arrays in self._gram.values() for g in arrays.values()]
 
     def _prepare(self, resume: bool, overwrite: bool) -> None:
@@ -564,12 +568,47 @@ class RunStoreWriter:
             rec.gram[method] = {"path": gpath, "width": int(width)}
         self.layers[rec.name] = rec
 
+    def add_mask(self, layer: str) -> None:
+        """Create the token-mask array of a raw sequence layer (format 1.2), aligned with its raw rows.
+
+        ``(rows, positions)`` uint8, 1 for a token and 0 for padding, chunked as the raw array (mask
+        chunk ``k`` holds the rows of raw chunk ``k``). The rows recorded before (calls without a
+        mask) are written at once as all tokens, the last partial chunk too: whatever state names
+        the array later, it holds every row before its creation.
+        """
+        rec, raw = self.layers[layer], self._raw[layer]
+        positions = int(rec.sample_shape[0])
+        path = f"layers/{_safe(layer)}/mask"
+        array = self.group.create_array(
+            path,
+            shape=(0, positions),
+            chunks=(raw.chunk_rows, positions),
+            dtype="uint8",
+            fill_value=1,
+            compressors=chunk_compressors(),
+            dimension_names=("sample", "time"),
+            attributes={"layer": layer},
+            config=_ARRAY_CONFIG,
+            overwrite=True,  # an array a killed process created after its last commit
+        )
+        sink = self._sink(array, 0)
+        ones = np.ones((raw.chunk_rows, positions), dtype=np.uint8)
+        for start in range(0, raw.next_row, raw.chunk_rows):
+            sink.append(ones[: min(raw.chunk_rows, raw.next_row - start)])
+        sink.flush()
+        rec.mask_array = path
+        self._masks[layer] = sink
+
     # -- data ----------------------------------------------------------------------------------
     def raw_next_row(self, layer: str) -> int:
         return self._raw[layer].next_row
 
     def write_raw(self, layer: str, rows: np.ndarray) -> None:
         self._raw[layer].append(rows)
+
+    def write_mask(self, layer: str, rows: np.ndarray) -> None:
+        """Append the token-mask rows (uint8) of the raw rows just written (a layer with :meth:`add_mask`)."""
+        self._masks[layer].append(rows)
 
     def write_gram_block(
         self, layer: str, method: str, info: tuple[int, ...], count: int, mean: np.ndarray, m2: np.ndarray
@@ -617,7 +656,7 @@ class RunStoreWriter:
         self, epoch: int, calls: np.ndarray, scalars: dict[str, Any], call_counters: dict[str, int]
     ) -> None:
         """Flush an epoch's data, write its calls, and mark it complete (the commit point)."""
-        for sink in self._raw.values():
+        for sink in (*self._raw.values(), *self._masks.values()):
             sink.flush()
         self.write_calls(calls)
         for grow in self._growing():

@@ -14,7 +14,7 @@ Examples
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import lightning.pytorch as L
@@ -23,7 +23,7 @@ import torch
 from pipelines.live_stats import LiveValue, labelled
 from pipelines.training_capture import CaptureCallback, TrainingCapture
 
-__all__ = ["ActivationCapture", "metric_names"]
+__all__ = ["ActivationCapture", "batch_token_mask", "metric_names"]
 
 
 def metric_names(values: list[LiveValue]) -> dict[str, float]:
@@ -36,6 +36,21 @@ def metric_names(values: list[LiveValue]) -> dict[str, float]:
     {'lsat/eval/net-fc1': 0.5}
     """
     return {f"{stat}/{v.phase}/{layer}": v.value for stat, layer, v in labelled(values)}
+
+
+def batch_token_mask(batch: Any, where: str | Callable[[Any], Any]) -> Any:
+    """The token mask of a batch: its item ``where`` (a mapping batch), or ``where(batch)``; None if absent.
+
+    Examples
+    --------
+    >>> batch_token_mask({"input_ids": [[5, 0]], "attention_mask": [[1, 0]]}, "attention_mask")
+    [[1, 0]]
+    >>> batch_token_mask((["x"], ["y"]), "attention_mask") is None, batch_token_mask((1, 2), lambda b: b[1])
+    (True, 2)
+    """
+    if callable(where):
+        return where(batch)
+    return batch.get(where) if isinstance(batch, Mapping) else None
 
 
 class ActivationCapture(CaptureCallback, L.Callback):
@@ -66,6 +81,12 @@ class ActivationCapture(CaptureCallback, L.Callback):
         with several processes they are those of all processes' samples.
     thresholds : float or iterable of float
         Thresholds of ``lsat`` and ``idim``.
+    batch_mask : str, callable or None
+        Where each batch's token mask is (``(batch, positions)``, 1 for a token, 0 for padding), for
+        a LightningModule whose ``forward`` does not receive it (see :func:`batch_token_mask`): the
+        key of a mapping batch (default ``"attention_mask"``; a batch without it has no mask), or a
+        callable ``batch -> mask``. None: take no mask from the batches. The mask applies to the
+        training and validation batches' calls (see ``token_mask`` of :class:`capture.Recorder`).
     **recorder_options
         Keyword arguments of :class:`capture.Recorder` (``mode``, ``layers``, ``layer_types``, ``dtype``,
         ``overwrite``, ...); the model, rank, world size and resumption come from the trainer.
@@ -77,10 +98,16 @@ class ActivationCapture(CaptureCallback, L.Callback):
         *,
         log_stats: str | Iterable[str] = (),
         thresholds: Any = (0.99,),
+        batch_mask: str | Callable[[Any], Any] | None = "attention_mask",
         **recorder_options: Any,
     ) -> None:
         super().__init__()
+        if batch_mask is not None and not isinstance(batch_mask, str) and not callable(batch_mask):
+            raise TypeError(
+                f"batch_mask: must be a batch key, a callable batch -> mask or None, got {type(batch_mask).__name__}"
+            )
         self._capture = TrainingCapture(path, recorder_options, log_stats, thresholds, type(self).__name__)
+        self._batch_mask = batch_mask
         self._saved: dict[str, Any] | None = None
 
     @property
@@ -101,6 +128,46 @@ class ActivationCapture(CaptureCallback, L.Callback):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._capture.begin_epoch()
+
+    def _take_mask(self, batch: Any) -> None:
+        recorder = self._capture.recorder
+        if recorder is not None and self._batch_mask is not None:
+            recorder.set_token_mask(batch_token_mask(batch, self._batch_mask))
+
+    def _drop_mask(self) -> None:
+        if self._capture.recorder is not None:
+            self._capture.recorder.set_token_mask(None)
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._take_mask(batch)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._drop_mask()
+
+    def on_validation_batch_start(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._take_mask(batch)
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._drop_mask()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         values = self._capture.end_epoch()  # every process: the statistics are merged over them

@@ -142,7 +142,11 @@ def numpy_matrix(x: np.ndarray, layout: str, method: str = "none") -> np.ndarray
     if layout == "flat":
         return x.reshape(n, -1)
     if layout == "sequence":
-        return {"last_timestep": lambda: x[:, -1, :], "timestepwise": lambda: x.reshape(n, -1)}[method]()
+        return {
+            "last_timestep": lambda: x[:, -1, :],
+            "timestepwise": lambda: x.reshape(n, -1),
+            "tokenwise": lambda: x.reshape(-1, x.shape[-1]),  # a row per (sample, position)
+        }[method]()
     c = x.shape[1]
     per_map = x.reshape(n, c, -1)
     k = per_map.shape[2]

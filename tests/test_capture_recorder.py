@@ -228,7 +228,7 @@ def test_gram_moments_equal_numpy(tmp_path, mixed_net, hook_tape, reference_matr
                     assert blocks.info_column("first_call")[last] == blocks.info_column("last_call")[last]
                     assert blocks.info_column("last_call")[last] == calls[-1][1]
                     checked += 1
-    assert checked == 2 * 2 * (2 * 5 + 3 * 2 + 1)
+    assert checked == 2 * 2 * (2 * len(CONV_METHODS) + 3 * len(TIMESERIES_METHODS) + 1)
 
 
 def test_gram_accepts_outputs_whose_shape_varies_when_the_width_does_not(tmp_path, reference_matrix):
@@ -256,13 +256,17 @@ def test_gram_accepts_outputs_whose_shape_varies_when_the_width_does_not(tmp_pat
         n, mean, m2 = blocks.read(int(epoch_block))
         ref = covariance64(np.concatenate([reference_matrix(o[k], layout, method) for o in outs]))
         assert n == ref[0] and rel_err(mean, ref[1]) <= 1e-12 and rel_err(m2, ref[2]) <= 1e-12
-    # what cannot be kept: raw rows of another shape, or a reduction whose width changes
-    for mode, kwargs in [("raw", {}), ("gram", {"timeseries_methods": ["timestepwise"]})]:
+    # what cannot be kept: raw rows of a longer sequence (a shorter one is stored padded and masked,
+    # tests/test_token_masks.py), or a reduction whose width changes
+    longer = r"layer 'lstm': a call of 8 positions is longer than the 5 its raw rows hold; pass max_positions="
+    changed = r"layer 'lstm': output shape per sample changed from \(5, 4\) to \(8, 4\)"
+    for mode, kwargs, match in [
+        ("raw", {}, longer),
+        ("gram", {"timeseries_methods": ["timestepwise"]}, changed),
+    ]:
         with Recorder({"lstm": lstm}, tmp_path / f"{mode}.zarr", mode=mode, **kwargs) as rec:
             lstm(inputs[0][1])
-            with pytest.raises(
-                CaptureError, match=r"layer 'lstm': output shape per sample changed from \(5, 4\) to \(8, 4\)"
-            ):
+            with pytest.raises(CaptureError, match=match):
                 lstm(inputs[1][1])
 
 

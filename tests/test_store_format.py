@@ -37,7 +37,7 @@ def test_root_and_rank_attributes_are_the_documented_ones(store: tuple[Path, dic
     path, _ = store
     root = json.loads((path / "zarr.json").read_text())["attributes"][ATTRS_KEY]
     assert root["format"] == FORMAT_NAME and root["format_version"] == FORMAT_VERSION == 1
-    assert root["format_minor"] == FORMAT_MINOR == 1
+    assert root["format_minor"] == FORMAT_MINOR == 2
     assert "model" not in root  # the root is written once, at creation (minor 1)
     for key in root:
         assert f"`{key}`" in DOC, f"root attribute {key!r} is not documented"

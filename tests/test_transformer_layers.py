@@ -166,10 +166,20 @@ def test_timestepwise_too_wide_says_what_to_use(tmp_path):
     with pytest.raises(
         CaptureError,
         match=r"layer 'Linear': 'timestepwise' makes one column per position and feature, 256 x 64 = 16384 "
-        r"columns.*limit 8192\); use timeseries_methods=\('last_timestep',\).*layers= / ignore=",
+        r"columns.*limit 8192\); use timeseries_methods=\('tokenwise',\) \(one row per token\) or "
+        r"\('last_timestep',\).*layers= / ignore=",
     ):
         net(torch.randn(2, 256, 64))
     rec.close()
+    # tokenwise: 512 rows of 64 columns
+    x = torch.randn(2, 256, 64)
+    with Recorder(net, tmp_path / "tokens.zarr", mode="gram", timeseries_methods=("tokenwise",)) as rec:
+        y = net(x).detach().double().numpy().reshape(-1, 64)
+        rec.end_epoch()
+    count, mean, m2 = open_run(tmp_path / "tokens.zarr").ranks[0].gram("Linear", "tokenwise").read(0)
+    assert count == 512
+    np.testing.assert_allclose(mean, y.mean(0), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(m2, (y - y.mean(0)).T @ (y - y.mean(0)), rtol=1e-10, atol=1e-12)
 
 
 def test_library_types_match_by_name_without_importing_the_library():

@@ -54,6 +54,7 @@ from analyze.stats import (
 from capture.format import BLOCK_KIND_EPOCH, BLOCK_KIND_LAST_CALL, PHASES
 from capture.moments import Moments
 from capture.recorder import GramBlock, Recorder
+from capture.reshape import check_delve_methods
 from pipelines.dropin.formats import STATMAP
 from pipelines.dropin.writers import AbstractWriter, CompositWriter, NPYWriter, get_writer
 
@@ -168,8 +169,12 @@ class SaturationTracker:
         False drops convolutional layers.
     conv_method : {"channelwise", "mean", "max", "median", "flatten"}
         How a conv output ``(B, C, H, W)`` becomes a sample matrix.
-    timeseries_method : {"last_timestep", "timestepwise"}
-        How a sequence output ``(B, T, U)`` becomes a sample matrix.
+    timeseries_method : {"last_timestep", "timestepwise", "tokenwise"}
+        How a sequence output ``(B, T, U)`` becomes a sample matrix. ``tokenwise`` (every position
+        of every sequence a row; not in delve 0.1.50, so the ``"delve-0.1.50"`` semantics refuse it)
+        leaves padding out, and ``last_timestep`` takes each sequence's last token, when the model
+        is called with an ``attention_mask`` (the ``"delve-0.1.50"`` semantics ignore masks, as
+        delve does).
     sat_threshold : float
         Share of the variance the intrinsic dimensionality explains, in (0, 1].
     nosave : bool
@@ -245,6 +250,8 @@ class SaturationTracker:
         layer_types: tuple[type[nn.Module], ...] | None = None,
     ) -> None:
         self.semantics = check_semantics(semantics)
+        if self.semantics == DELVE_SEMANTICS:
+            check_delve_methods([timeseries_method], "timeseries_method")
         self.threshold = check_threshold(sat_threshold, "sat_threshold")
         self.stats, self._phase_stats = _parse_stats(stats)
         if store_mode not in _STORE_MODES:
@@ -332,6 +339,7 @@ class SaturationTracker:
             # fastest conv path); the layers' order and widths come with their blocks
             on_batch=self._on_batch if self._embed else None,
             on_block=self._on_block,
+            token_mask=False if self.semantics == DELVE_SEMANTICS else None,
         )
         self.layers: dict[str, nn.Module] = dict(self._recorder.layers)
         if initial_epoch != 0 and hasattr(self.writer, "resume_from_saved_state"):
