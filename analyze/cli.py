@@ -397,6 +397,8 @@ def check_runs(runs: Sequence[str], storage_options: dict[str, Any] | None = Non
             open_run(run, options_for(run, storage_options))
         except (FileNotFoundError, NotADirectoryError, StoreFormatError) as exc:
             raise InputError(str(exc)) from None
+        except OSError as exc:  # the network, credentials: not a usage error, but no traceback either
+            raise click.ClickException(one_line(exc)) from None
 
 
 @contextmanager

@@ -31,7 +31,8 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -202,7 +203,8 @@ class StoreLocation:
         """Whether the object (or file) ``key`` exists under this location."""
         if not self.is_url:
             return (self.path / key).exists()
-        return bool(sync(self._shared_store().exists(key)))
+        with _reaching(self.location):
+            return bool(sync(self._shared_store().exists(key)))
 
     def is_empty(self) -> bool:
         """Whether nothing at all is stored here (a missing folder or prefix counts as empty)."""
@@ -214,7 +216,8 @@ class StoreLocation:
         store = self._shared_store()
         if isinstance(store, FsspecStore):  # one listing request (one level), not a walk of the store
             try:
-                return not sync(store.fs._ls(store.path, detail=False))
+                with _reaching(self.location):
+                    return not sync(store.fs._ls(store.path, detail=False))
             except FileNotFoundError:
                 return True
 
@@ -234,7 +237,8 @@ class StoreLocation:
         async def listing() -> list[str]:
             return [name async for name in store.list_dir("")]
 
-        return sorted({name.rstrip("/") for name in sync(listing())})
+        with _reaching(self.location):
+            return sorted({name.rstrip("/") for name in sync(listing())})
 
     def is_file(self) -> bool:
         """Whether a local location is a file (never for a URL)."""
@@ -292,6 +296,29 @@ class StoreLocation:
         """The zarr group at this location's root (``mode`` as for :func:`zarr.open_group`)."""
         store = self.store(read_only=mode == "r")
         return zarr.open_group(store, mode=mode)
+
+
+#: Packages of the storage clients behind fsspec and obstore, whose errors are not ``OSError``.
+_STORAGE_CLIENT_PACKAGES = frozenset({"botocore", "aiobotocore", "aiohttp", "obstore", "google", "azure"})
+
+
+@contextmanager
+def _reaching(where: str) -> Iterator[None]:
+    """Report a storage client's own failure (botocore's connection errors, ...) as ``ConnectionError``.
+
+    Errors that are already ``OSError`` (a missing bucket, denied credentials as s3fs maps them)
+    pass unchanged; the others of the clients in :data:`_STORAGE_CLIENT_PACKAGES` become a
+    ``ConnectionError`` whose message starts with the store's URL, so callers need only catch
+    ``OSError``.
+    """
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as exc:
+        if type(exc).__module__.split(".")[0] not in _STORAGE_CLIENT_PACKAGES:
+            raise
+        raise ConnectionError(f"{where}: cannot reach the store ({type(exc).__name__}: {exc})") from exc
 
 
 def located(exc: OSError, where: str) -> OSError:

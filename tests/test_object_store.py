@@ -494,3 +494,24 @@ def test_write_behind_reports_a_failed_write() -> None:
     with pytest.raises(OSError, match="write of bad failed"):
         sync(store.set("zarr.json", buf(b"commit")))  # the commit does not happen
     assert sync(store._store.exists("zarr.json")) is False  # noqa: SLF001
+
+
+def test_an_unreachable_endpoint_is_one_line_naming_the_store(tmp_path: Path) -> None:
+    """No server listens on the endpoint: a ConnectionError that names the URL, and a one-line CLI error."""
+    url = "s3://bucket/run.zarr"
+    no_retries = {"retries": {"max_attempts": 1}}
+    options = {"endpoint_url": "http://127.0.0.1:9", "key": "k", "secret": "s", "config_kwargs": no_retries}
+    with pytest.raises(ConnectionError, match=f"^{url}: cannot reach the store"):
+        open_run(url, storage_options=options)
+    from click.testing import CliRunner
+
+    from pipelines.cli import cli
+
+    args = ["stats", url, "-o", str(tmp_path / "out"), "--storage-option", "endpoint_url=http://127.0.0.1:9"]
+    args += ["--storage-option", "key=k", "--storage-option", "secret=s"]
+    args += ["--storage-option", 'config_kwargs={"retries": {"max_attempts": 1}}']
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1, result.output
+    assert f"Error: {url}: cannot reach the store" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
